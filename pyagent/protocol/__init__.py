@@ -1,0 +1,56 @@
+"""Protocol v1: message shapes, error codes and the line codec shared by the runtime and the endpoint."""
+
+from pyagent.protocol._codec import decode, encode
+from pyagent.protocol._errors import (
+    AGENT_UNAVAILABLE,
+    ERROR_NAMES,
+    FRAME_TOO_LARGE,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    RATE_LIMITED,
+    TIMEOUT,
+    UNAUTHORIZED,
+    VERSION_MISMATCH,
+    ProtocolError,
+    RemoteError,
+)
+from pyagent.protocol._messages import (
+    DEFAULT_MAX_FRAME_BYTES,
+    METHODS,
+    VERSION,
+    error_response,
+    notification,
+    request,
+    response,
+    validate_message,
+)
+
+__all__ = [
+    "AGENT_UNAVAILABLE",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "ERROR_NAMES",
+    "FRAME_TOO_LARGE",
+    "INTERNAL_ERROR",
+    "INVALID_PARAMS",
+    "INVALID_REQUEST",
+    "METHODS",
+    "METHOD_NOT_FOUND",
+    "PARSE_ERROR",
+    "ProtocolError",
+    "RATE_LIMITED",
+    "RemoteError",
+    "TIMEOUT",
+    "UNAUTHORIZED",
+    "VERSION",
+    "VERSION_MISMATCH",
+    "decode",
+    "encode",
+    "error_response",
+    "notification",
+    "request",
+    "response",
+    "validate_message",
+]

@@ -1,0 +1,77 @@
+"""Message shapes of protocol v1 (see docs/protocol.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyagent.protocol._errors import INVALID_REQUEST, VERSION_MISMATCH, ProtocolError
+
+VERSION = "1"
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+
+# Every method of protocol v1 and the direction it travels in.
+METHODS: dict[str, str] = {
+    "handshake.hello": "agent -> endpoint",
+    "heartbeat.post": "either way",
+    "bundle.call": "endpoint -> agent",
+}
+
+
+def request(msg_id: int, method: str, params: dict[str, Any] | None = None, *,
+            source: str | None = None, target: str | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"v": VERSION, "id": msg_id, "method": method, "params": params or {}}
+    if source is not None:
+        msg["source"] = source
+    if target is not None:
+        msg["target"] = target
+    return msg
+
+
+def notification(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"v": VERSION, "method": method, "params": params or {}}
+
+
+def response(msg_id: Any, result: Any, *, source: str | None = None,
+             target: str | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"v": VERSION, "id": msg_id, "result": result}
+    if source is not None:
+        msg["source"] = source
+    if target is not None:
+        msg["target"] = target
+    return msg
+
+
+def error_response(msg_id: Any, code: int, message: str, data: Any = None, *,
+                   source: str | None = None, target: str | None = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        err["data"] = data
+    msg: dict[str, Any] = {"v": VERSION, "id": msg_id, "error": err}
+    if source is not None:
+        msg["source"] = source
+    if target is not None:
+        msg["target"] = target
+    return msg
+
+
+def validate_message(msg: Any) -> dict[str, Any]:
+    """Check the envelope of a decoded frame; raise ProtocolError naming what is wrong."""
+    if not isinstance(msg, dict):
+        raise ProtocolError(INVALID_REQUEST, f"a frame must be a JSON object, got {type(msg).__name__}")
+    v = msg.get("v")
+    if v != VERSION:
+        raise ProtocolError(VERSION_MISMATCH, f"unsupported protocol version {v!r}, this side speaks {VERSION!r}",
+                            {"supported": [VERSION]})
+    if "method" in msg:
+        if not isinstance(msg["method"], str) or not msg["method"]:
+            raise ProtocolError(INVALID_REQUEST, "'method' must be a non-empty string")
+        if "params" in msg and not isinstance(msg["params"], dict):
+            raise ProtocolError(INVALID_REQUEST, "'params' must be an object")
+        if "id" in msg and (not isinstance(msg["id"], int) or isinstance(msg["id"], bool)):
+            raise ProtocolError(INVALID_REQUEST, "'id' must be an integer")
+    else:
+        if "id" not in msg:
+            raise ProtocolError(INVALID_REQUEST, "a response needs an 'id'")
+        if ("result" in msg) == ("error" in msg):
+            raise ProtocolError(INVALID_REQUEST, "a response needs exactly one of 'result' or 'error'")
+    return msg
