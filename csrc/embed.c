@@ -1,0 +1,266 @@
+/* The interpreter and the `_pyagent_host` module. Everything Python-facing is here; the rest of the host never includes
+ * Python.h. Rules (STYLE.md): every PyStatus is checked, PyConfig_Clear runs on every path, C errors become one
+ * exception type (`_pyagent_host.error`), and no Python exception ever unwinds into libuv (the libuv thread never
+ * calls into Python at all). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "embed.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "bridge.h"
+#include "log.h"
+#include "worker.h"
+
+#define TO_PY_LIMIT (256u << 20) /* bytes waiting for a stuck Python loop before frames are dropped */
+
+static pa_bridge_t pa__bridge;
+static int pa__bridge_ready;
+static PyObject *HostError;
+
+static PyObject *host_start(PyObject *self, PyObject *arg) {
+  Py_buffer view;
+  if (PyUnicode_Check(arg)) {
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(arg, &n);
+    if (!s) return NULL;
+    char err[512];
+    if (pa_worker_start(s, (size_t)n, &pa__bridge, err, sizeof err)) {
+      PyErr_SetString(HostError, err);
+      return NULL;
+    }
+    Py_RETURN_NONE;
+  }
+  if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+  char err[512];
+  int rc = pa_worker_start(view.buf, (size_t)view.len, &pa__bridge, err, sizeof err);
+  PyBuffer_Release(&view);
+  if (rc) {
+    PyErr_SetString(HostError, err);
+    return NULL;
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject *host_stop(PyObject *self, PyObject *args) {
+  unsigned int timeout_ms = 2000;
+  if (!PyArg_ParseTuple(args, "|I:stop", &timeout_ms)) return NULL;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS rc = pa_worker_stop(timeout_ms);
+  Py_END_ALLOW_THREADS if (rc) {
+    PyErr_Format(HostError, "the libuv thread did not stop within %u ms", timeout_ms);
+    return NULL;
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject *host_fileno(PyObject *self, PyObject *unused) { return PyLong_FromLong(pa__bridge.efd); }
+
+static PyObject *host_recv(PyObject *self, PyObject *unused) {
+  pa_buf_t out = {0};
+  pa_bridge_take_py(&pa__bridge, &out);
+  PyObject *b = PyBytes_FromStringAndSize(out.data ? out.data : "", (Py_ssize_t)out.len);
+  pa_buf_free(&out);
+  return b;
+}
+
+static PyObject *host_send(PyObject *self, PyObject *arg) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+  int rc = view.len ? pa_bridge_put_c(&pa__bridge, view.buf, (size_t)view.len) : 0;
+  PyBuffer_Release(&view);
+  if (rc) return PyErr_NoMemory();
+  Py_RETURN_NONE;
+}
+
+static PyObject *host_log(PyObject *self, PyObject *args) {
+  int level;
+  const char *line;
+  if (!PyArg_ParseTuple(args, "is:log", &level, &line)) return NULL;
+  pa_log_line(level, line);
+  Py_RETURN_NONE;
+}
+
+static PyObject *host_version(PyObject *self, PyObject *unused) { return PyUnicode_FromString(PA_HOST_VERSION); }
+
+static PyObject *host_stats(PyObject *self, PyObject *unused) {
+  json_t *stats = pa_worker_stats();
+  char *s = stats ? json_dumps(stats, JSON_COMPACT) : NULL;
+  json_decref(stats);
+  if (!s) return PyErr_NoMemory();
+  PyObject *json = PyImport_ImportModule("json");
+  PyObject *res = json ? PyObject_CallMethod(json, "loads", "s", s) : NULL;
+  Py_XDECREF(json);
+  free(s);
+  return res;
+}
+
+static PyMethodDef host_methods[] = {
+    {"start", host_start, METH_O, "start(config_json): start the libuv thread with the host config."},
+    {"stop", host_stop, METH_VARARGS, "stop(timeout_ms=2000): flush, close the sessions, join the libuv thread."},
+    {"fileno", host_fileno, METH_NOARGS, "fileno(): the eventfd that is readable while lines wait for Python."},
+    {"recv", host_recv, METH_NOARGS, "recv(): every queued line as bytes (b'' when none)."},
+    {"send", host_send, METH_O, "send(data): queue complete '<session> <json>\\n' lines for the host."},
+    {"log", host_log, METH_VARARGS, "log(level, line): write a key=value line through the host logger."},
+    {"version", host_version, METH_NOARGS, "version(): the host version."},
+    {"stats", host_stats, METH_NOARGS, "stats(): sessions and counters."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef host_module = {PyModuleDef_HEAD_INIT, "_pyagent_host",
+                                         "The pyagent host's bridge to the Python runtime.", -1, host_methods,
+                                         NULL, NULL, NULL, NULL};
+
+static PyObject *PyInit__pyagent_host(void) {
+  if (!pa__bridge_ready) {
+    if (pa_bridge_init(&pa__bridge, TO_PY_LIMIT)) {
+      PyErr_SetFromErrno(PyExc_OSError);
+      return NULL;
+    }
+    pa__bridge_ready = 1;
+  }
+  PyObject *m = PyModule_Create(&host_module);
+  if (!m) return NULL;
+  HostError = PyErr_NewException("_pyagent_host.error", NULL, NULL);
+  if (!HostError || PyModule_AddObjectRef(m, "error", HostError) < 0) {
+    Py_DECREF(m);
+    return NULL;
+  }
+  return m;
+}
+
+/* ---- interpreter ------------------------------------------------------------------------------------------------- */
+
+static int append_path(PyObject *path, const char *dir, int front) {
+  PyObject *s = PyUnicode_DecodeFSDefault(dir);
+  if (!s) return -1;
+  int rc = front ? PyList_Insert(path, 0, s) : PyList_Append(path, s);
+  Py_DECREF(s);
+  return rc;
+}
+
+/* sys.path after init: the stdlib comes from the interpreter's own prefix; we add the site-packages of the prefix the
+ * host is installed in (a venv: getpath found its pyvenv.cfg next to our executable), and PYAGENT_PYTHONPATH first. */
+static int setup_paths(void) {
+  PyObject *path = PySys_GetObject("path");     /* borrowed */
+  PyObject *prefix = PySys_GetObject("prefix"); /* borrowed */
+  if (!path || !prefix || !PyList_Check(path)) return -1;
+  PyObject *bytes = PyUnicode_EncodeFSDefault(prefix);
+  if (!bytes) return -1;
+  char dir[PATH_MAX];
+  snprintf(dir, sizeof dir, "%s/lib/python%d.%d/site-packages", PyBytes_AS_STRING(bytes), PY_MAJOR_VERSION,
+           PY_MINOR_VERSION);
+  Py_DECREF(bytes);
+  if (access(dir, F_OK) == 0 && append_path(path, dir, 0) < 0) return -1;
+  const char *extra = getenv("PYAGENT_PYTHONPATH");
+  if (extra && *extra) {
+    char *copy = strdup(extra), *save = NULL;
+    if (!copy) return -1;
+    /* Insert in reverse so the first entry ends up first. */
+    char *parts[64];
+    int n = 0;
+    for (char *tok = strtok_r(copy, ":", &save); tok && n < 64; tok = strtok_r(NULL, ":", &save)) parts[n++] = tok;
+    for (int i = n - 1; i >= 0; i--)
+      if (append_path(path, parts[i], 1) < 0) {
+        free(copy);
+        return -1;
+      }
+    free(copy);
+  }
+  return 0;
+}
+
+static int init_interpreter(int argc, char **argv) {
+  PyConfig config;
+  PyConfig_InitIsolatedConfig(&config);
+  config.site_import = 0;
+  config.install_signal_handlers = 1; /* Python's main thread owns SIGINT/SIGTERM; SIGPIPE is ignored */
+  config.write_bytecode = 0;
+  config.parse_argv = 0;
+  PyStatus status = PyConfig_SetBytesArgv(&config, argc, argv);
+  if (PyStatus_Exception(status)) goto fail;
+  /* program_name from /proc/self/exe lets getpath find the venv (pyvenv.cfg) the host was installed into. */
+  char exe[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (n > 0) {
+    exe[n] = '\0';
+    status = PyConfig_SetBytesString(&config, &config.program_name, exe);
+    if (PyStatus_Exception(status)) goto fail;
+  }
+  status = Py_InitializeFromConfig(&config);
+  if (PyStatus_Exception(status)) goto fail;
+  PyConfig_Clear(&config);
+  return 0;
+
+fail:
+  PyConfig_Clear(&config);
+  if (PyStatus_IsExit(status)) return status.exitcode;
+  fprintf(stderr, "pyagent-host: cannot initialise Python: %s%s%s\n", status.func ? status.func : "",
+          status.func ? ": " : "", status.err_msg ? status.err_msg : "unknown error");
+  return -1;
+}
+
+static int run_runtime(int argc, char **argv) {
+  if (setup_paths() < 0) {
+    PyErr_Print();
+    return 1;
+  }
+  /* The host does TLS; keeping `ssl` out of the worker saves ~4 MB (asyncio imports it only if it can). */
+  if (PyDict_SetItemString(PyImport_GetModuleDict(), "ssl", Py_None) < 0) {
+    PyErr_Print();
+    return 1;
+  }
+  PyObject *mod = PyImport_ImportModule("pyagent.runtime.worker");
+  if (!mod) {
+    fprintf(stderr, "pyagent-host: cannot import the pyagent runtime (is pyagent installed next to the host, or "
+                    "PYAGENT_PYTHONPATH set?):\n");
+    PyErr_Print();
+    return 1;
+  }
+  PyObject *args = PyList_New(0);
+  for (int i = 1; args && i < argc; i++) {
+    PyObject *s = PyUnicode_DecodeFSDefault(argv[i]);
+    if (!s || PyList_Append(args, s) < 0) {
+      Py_XDECREF(s);
+      Py_CLEAR(args);
+      break;
+    }
+    Py_DECREF(s);
+  }
+  PyObject *res = args ? PyObject_CallMethod(mod, "main", "O", args) : NULL;
+  Py_XDECREF(args);
+  Py_DECREF(mod);
+  int code = 1;
+  if (!res) {
+    PyErr_Print();
+  } else {
+    long v = PyLong_AsLong(res);
+    if (v == -1 && PyErr_Occurred()) PyErr_Print();
+    else code = (int)v;
+    Py_DECREF(res);
+  }
+  return code;
+}
+
+int pa_embed_run(int argc, char **argv) {
+  if (PyImport_AppendInittab("_pyagent_host", PyInit__pyagent_host) < 0) {
+    fprintf(stderr, "pyagent-host: cannot register _pyagent_host\n");
+    return 1;
+  }
+  int rc = init_interpreter(argc, argv);
+  if (rc) return rc < 0 ? 1 : rc;
+  int code = run_runtime(argc, argv);
+  if (pa_worker_running() && pa_worker_stop(2000)) {
+    /* The libuv thread is stuck: finalising under it would be unsafe, leave without it. */
+    fflush(NULL);
+    _exit(code ? code : 1);
+  }
+  if (Py_FinalizeEx() < 0 && code == 0) code = 120;
+  if (pa__bridge_ready) pa_bridge_free(&pa__bridge);
+  return code;
+}
