@@ -144,18 +144,43 @@ static int append_path(PyObject *path, const char *dir, int front) {
   return rc;
 }
 
-/* sys.path after init: the stdlib comes from the interpreter's own prefix; we add the site-packages of the prefix the
- * host is installed in (a venv: getpath found its pyvenv.cfg next to our executable), and PYAGENT_PYTHONPATH first. */
+/* The directory the runtime is installed under: the venv the host was installed into when there is one (a
+ * pyvenv.cfg beside or above our executable; in 3.11 it is `site`, which we do not run, that would set sys.prefix to
+ * it), else the interpreter's prefix. */
+static void install_root(char *out, size_t cap) {
+  char exe[PATH_MAX], cfg[PATH_MAX + 32];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  out[0] = '\0';
+  if (n <= 0) return;
+  exe[n] = '\0';
+  char *slash = strrchr(exe, '/');
+  if (!slash) return;
+  *slash = '\0'; /* exe is now the bin directory */
+  snprintf(cfg, sizeof cfg, "%s/../pyvenv.cfg", exe);
+  if (access(cfg, F_OK) == 0) {
+    snprintf(out, cap, "%s/..", exe);
+    return;
+  }
+  snprintf(cfg, sizeof cfg, "%s/pyvenv.cfg", exe);
+  if (access(cfg, F_OK) == 0) snprintf(out, cap, "%s", exe);
+}
+
+/* sys.path after init (3.11 does not recompute search paths from a changed config): the stdlib comes from the
+ * interpreter; we add the site-packages of the install root, and PYAGENT_PYTHONPATH in front. */
 static int setup_paths(void) {
-  PyObject *path = PySys_GetObject("path");     /* borrowed */
-  PyObject *prefix = PySys_GetObject("prefix"); /* borrowed */
-  if (!path || !prefix || !PyList_Check(path)) return -1;
-  PyObject *bytes = PyUnicode_EncodeFSDefault(prefix);
-  if (!bytes) return -1;
-  char dir[PATH_MAX];
-  snprintf(dir, sizeof dir, "%s/lib/python%d.%d/site-packages", PyBytes_AS_STRING(bytes), PY_MAJOR_VERSION,
-           PY_MINOR_VERSION);
-  Py_DECREF(bytes);
+  PyObject *path = PySys_GetObject("path"); /* borrowed */
+  if (!path || !PyList_Check(path)) return -1;
+  char root[PATH_MAX];
+  install_root(root, sizeof root);
+  if (!root[0]) {
+    PyObject *prefix = PySys_GetObject("prefix"); /* borrowed */
+    PyObject *bytes = prefix ? PyUnicode_EncodeFSDefault(prefix) : NULL;
+    if (!bytes) return -1;
+    snprintf(root, sizeof root, "%s", PyBytes_AS_STRING(bytes));
+    Py_DECREF(bytes);
+  }
+  char dir[PATH_MAX + 64];
+  snprintf(dir, sizeof dir, "%s/lib/python%d.%d/site-packages", root, PY_MAJOR_VERSION, PY_MINOR_VERSION);
   if (access(dir, F_OK) == 0 && append_path(path, dir, 0) < 0) return -1;
   const char *extra = getenv("PYAGENT_PYTHONPATH");
   if (extra && *extra) {
