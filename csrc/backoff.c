@@ -9,7 +9,7 @@ void pa_backoff_init(pa_backoff_t *b, uint64_t min_ms, uint64_t max_ms, uint64_t
 
 uint64_t pa_backoff_ceiling(const pa_backoff_t *b) {
   uint64_t c = b->min_ms;
-  for (unsigned i = 0; i < b->attempt && c < b->max_ms; i++) c *= 2; /* no overflow: stops once past max */
+  for (unsigned i = 0; i < b->attempt && c < b->max_ms; i++) c = c > b->max_ms / 2 ? b->max_ms : c * 2;
   return c > b->max_ms ? b->max_ms : c;
 }
 
@@ -25,7 +25,8 @@ static uint64_t next_random(pa_backoff_t *b) {
 uint64_t pa_backoff_next(pa_backoff_t *b) {
   uint64_t ceiling = pa_backoff_ceiling(b);
   if (b->attempt < 64) b->attempt++;
-  return next_random(b) % (ceiling + 1);
+  uint64_t r = next_random(b);
+  return ceiling == UINT64_MAX ? r : r % (ceiling + 1);
 }
 
 double pa_backoff_unit(pa_backoff_t *b) { return (double)(next_random(b) >> 11) / 9007199254740992.0; }

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 int pa_buf_append(pa_buf_t *b, const char *data, size_t n) {
+  if (n == 0) return 0;
   if (b->len + n > b->cap) {
     size_t cap = b->cap ? b->cap : 4096;
     while (cap < b->len + n) cap *= 2;
@@ -38,6 +39,7 @@ int pa_bridge_init(pa_bridge_t *b, size_t to_py_limit) {
   if (b->efd < 0) return -errno;
   if (uv_mutex_init(&b->lock)) {
     close(b->efd);
+    b->efd = -1;
     return -ENOMEM;
   }
   b->to_py_limit = to_py_limit;
@@ -54,6 +56,7 @@ void pa_bridge_free(pa_bridge_t *b) {
 
 int pa_bridge_put_py(pa_bridge_t *b, const char *data, size_t n) {
   int rc = 0;
+  if (n == 0) return 0;
   uv_mutex_lock(&b->lock);
   int was_empty = b->to_py.len == 0;
   if (b->to_py.len + n > b->to_py_limit) {

@@ -380,7 +380,16 @@ static int on_frame(void *ctx, const char *line, size_t len) {
     refuse_frame(c, code, why);
     return 1;
   }
-  if (m.kind == PA_MSG_RESPONSE && m.id < 0) {
+  if (m.kind == PA_MSG_RESPONSE && m.id_null) {
+    /* The endpoint refused something we sent and is closing: say what it said, do not answer. */
+    json_t *ecode = json_object_get(m.error, "code"), *emsg = json_object_get(m.error, "message");
+    snprintf(why, sizeof why, "the endpoint reported a protocol error (code %lld): %s",
+             json_is_number(ecode) ? (long long)json_number_value(ecode) : 0LL,
+             json_is_string(emsg) ? json_string_value(emsg) : "no message");
+    pa_msg_free(&m);
+    conn_fail(c, why);
+    return 1;
+  } else if (m.kind == PA_MSG_RESPONSE && m.id < 0) {
     /* One of the host's own requests. */
     if (c->state == PA_CONN_HELLO && m.id == c->hello_id) hello_result(c, &m);
     else if (m.id == c->hb_id && m.result) heartbeat_result(c, m.result);

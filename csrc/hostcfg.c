@@ -88,6 +88,14 @@ int pa_host_cfg_parse(pa_host_cfg_t *cfg, const char *json, size_t len, char *er
       snprintf(err, errlen, "endpoints[%zu] needs 'host' and a 'port' from 1 to 65535", i);
       goto fail;
     }
+    const char *ekey;
+    json_t *eval;
+    json_object_foreach(val, ekey, eval) {
+      if (strcmp(ekey, "host") && strcmp(ekey, "port") && strcmp(ekey, "server_name")) {
+        snprintf(err, errlen, "unknown host config key 'endpoints[%zu].%s'", i, ekey);
+        goto fail;
+      }
+    }
     ep->port = (int)json_integer_value(port);
     ep->host = dup_string(val, "host", 1, err, errlen, &bad);
     if (bad) goto fail;
@@ -124,7 +132,7 @@ int pa_host_cfg_parse(pa_host_cfg_t *cfg, const char *json, size_t len, char *er
   cfg->hello = json_deep_copy(hello);
   if (!cfg->hello) goto oom;
   json_t *lvl = json_object_get(root, "log_level");
-  if (lvl) {
+  if (lvl && !json_is_null(lvl)) {
     int level = json_is_string(lvl) ? pa_log_level_from_name(json_string_value(lvl)) : -1;
     if (level < 0) {
       snprintf(err, errlen, "'log_level' must be one of debug, info, warning, error");

@@ -11,8 +11,9 @@ double pa_wall_ms(void) {
   return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
 }
 
-/* Integers are decoded as reals so that a valid frame with a huge integer in its params is still accepted (the
- * runtime parses it again with Python's unbounded ints); an id must then be integral and within 2^53. */
+/* Integers are decoded as reals so that a frame with an integer beyond int64 in its params is still accepted (the
+ * runtime parses it again with Python's unbounded ints); an id must then be integral and within 2^53. A number beyond
+ * the range of a double (over ~308 digits) is refused: protocol v1 limits numbers to that range (docs/protocol.md). */
 static int get_id(json_t *v, int64_t *out) {
   if (!json_is_number(v)) return -1;
   double d = json_number_value(v);
@@ -24,7 +25,7 @@ static int get_id(json_t *v, int64_t *out) {
 int pa_msg_parse(pa_msg_t *m, const char *line, size_t len, char *why, size_t whylen) {
   memset(m, 0, sizeof *m);
   json_error_t jerr;
-  m->root = json_loadb(line, len, JSON_DECODE_INT_AS_REAL, &jerr);
+  m->root = json_loadb(line, len, JSON_DECODE_INT_AS_REAL | JSON_DECODE_ANY, &jerr);
   if (!m->root) {
     snprintf(why, whylen, "invalid JSON at byte %d: %s", jerr.position, jerr.text);
     return PA_ERR_PARSE;
@@ -66,12 +67,14 @@ int pa_msg_parse(pa_msg_t *m, const char *line, size_t len, char *why, size_t wh
     }
     return 0;
   }
-  if (!id || get_id(id, &m->id)) {
+  m->result = json_object_get(m->root, "result");
+  m->error = json_object_get(m->root, "error");
+  if (json_is_null(id) && m->error && !m->result) {
+    m->id_null = 1; /* the peer refused one of our frames and is closing */
+  } else if (!id || get_id(id, &m->id)) {
     snprintf(why, whylen, "a response needs an integer 'id'");
     goto invalid;
   }
-  m->result = json_object_get(m->root, "result");
-  m->error = json_object_get(m->root, "error");
   if ((m->result != NULL) == (m->error != NULL)) {
     snprintf(why, whylen, "a response needs exactly one of 'result' or 'error'");
     goto invalid;

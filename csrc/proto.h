@@ -30,6 +30,7 @@ typedef struct pa_msg_s {
   json_t *root;
   const char *method; /* requests and notifications */
   int64_t id;         /* requests and responses */
+  int id_null;        /* an error response with "id": null: the peer reports a protocol violation */
   json_t *params;     /* may be NULL */
   json_t *result;     /* responses: exactly one of result/error */
   json_t *error;
