@@ -231,7 +231,7 @@ def test_host_drops_silent_endpoint(tmp_path: Path, endpoint: EndpointProc, make
         assert await session.closed_by_peer(timeout=10)  # reads, never answers
 
     async def behave(session: FakeSession) -> None:
-        await session.recv(timeout=5)
+        await session.closed_by_peer(timeout=3)
 
     fake = FakeEndpoint(endpoint.state_dir / "server.pem", endpoint.state_dir / "server.key",
                         [go_silent, behave], heartbeat_interval=0.4).start()

@@ -10,8 +10,8 @@ from pyagent.runtime import Agent, method
 class Probe(Agent):
     @method
     def modules(self) -> list:
-        """Names of every module loaded in the worker."""
-        return sorted(sys.modules)
+        """Names of every module loaded in the worker (a None entry is a blocked import, not a module)."""
+        return sorted(name for name, module in sys.modules.items() if module is not None)
 
     @method
     def pid(self) -> int:

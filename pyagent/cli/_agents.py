@@ -1,0 +1,42 @@
+"""`pyagent agents ls` and `pyagent agents show ID`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pyagent.cli._client import ApiClient, find_api
+from pyagent.cli._errors import EXIT_OK, ApiError, CliError
+from pyagent.cli._format import agent_details, agents_table
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    client = ApiClient(find_api(args.state_dir, args.api))
+    records = client.agents()
+    if args.json:
+        print(json.dumps({"agents": records}, indent=2, ensure_ascii=False))
+    elif not records:
+        print("no agents have connected to this endpoint yet")
+    else:
+        print(agents_table(records))
+    return EXIT_OK
+
+
+def run_show(args: argparse.Namespace) -> int:
+    client = ApiClient(find_api(args.state_dir, args.api))
+    try:
+        record = client.agent(args.agent)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        # `agents ls` shows short ids: accept a unique prefix of an id too.
+        matches = [r for r in client.agents() if str(r.get("agent_id", "")).startswith(args.agent)]
+        if len(matches) != 1:
+            found = "no agent" if not matches else f"{len(matches)} agents"
+            raise CliError(f"{found} with id, id prefix or name {args.agent!r}") from None
+        record = matches[0]
+    if args.json:
+        print(json.dumps(record, indent=2, ensure_ascii=False))
+    else:
+        print(agent_details(record))
+    return EXIT_OK

@@ -1,0 +1,90 @@
+"""`pyagent endpoint serve`: run the endpoint in the foreground until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pyagent.cli._client import default_state_dir
+from pyagent.cli._errors import EXIT_OK, CliError, UsageError
+
+if TYPE_CHECKING:
+    from pyagent.endpoint import Endpoint, EndpointConfig
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    # Imported here: the other commands do not need starlette, uvicorn or cryptography.
+    from pyagent.endpoint import ConfigError, EndpointConfig, configure_logging, parse_address
+
+    try:
+        listen_host, listen_port = parse_address(args.listen)
+        api_host, api_port = parse_address(args.api_listen)
+        config = EndpointConfig(
+            state_dir=args.state_dir or default_state_dir(),
+            listen_host=listen_host,
+            listen_port=listen_port,
+            api_host=api_host,
+            api_port=api_port,
+            heartbeat_interval=args.heartbeat_interval,
+            agent_token_file=args.token_file,
+        )
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    configure_logging(LOG_LEVELS[args.log_level])
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: EndpointConfig) -> int:
+    from pyagent.endpoint import Endpoint, EndpointError
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    endpoint = Endpoint(config)
+    try:
+        await endpoint.start()
+    except EndpointError as exc:
+        raise CliError(f"cannot start the endpoint: {exc}") from None
+    try:
+        _announce(endpoint)
+        await stop.wait()
+    finally:
+        await endpoint.aclose()
+    return EXIT_OK
+
+
+def _announce(endpoint: Endpoint) -> None:
+    state = endpoint.state
+    new = " (new)"
+    lines = [
+        f"pyagent endpoint (pid {os.getpid()}), state in {state.paths.root}",
+        f"  CA certificate: {state.paths.ca_cert}{new if 'ca' in state.created else ''}"
+        + ("  <- agents pin this file: `ca = ...` in agent.toml" if "ca" in state.created else ""),
+        f"  agent token:    {state.agent_token_file}{new if 'agent_token' in state.created else ''}"
+        + ("  <- `token = ...` in agent.toml" if "agent_token" in state.created else ""),
+        f"  agents dial:    {endpoint.listen_address} (TLS)",
+        f"  operator API:   {endpoint.api_url}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS, metavar="DIR",
+                        help="state directory (default: $PYAGENT_STATE_DIR or ~/.local/state/pyagent/endpoint)")
+    parser.add_argument("--listen", default="127.0.0.1:7443", metavar="HOST:PORT",
+                        help="where agents connect, TLS (default: %(default)s; port 0 picks a free port)")
+    parser.add_argument("--api", dest="api_listen", default="127.0.0.1:7480", metavar="HOST:PORT",
+                        help="operator HTTP API (default: %(default)s)")
+    parser.add_argument("--heartbeat-interval", type=float, default=30.0, metavar="SECONDS",
+                        help="heartbeat interval given to agents (default: %(default)s)")
+    parser.add_argument("--token-file", type=Path, default=None, metavar="PATH",
+                        help="read the agent token from this existing file instead of STATE_DIR/agent-token")
+    parser.add_argument("--log-level", choices=sorted(LOG_LEVELS), default="info", help="default: %(default)s")

@@ -1,0 +1,85 @@
+"""Endpoint settings and the `host:port` notation used on the command line and in `endpoint.json`."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyagent.endpoint._errors import ConfigError
+from pyagent.protocol import DEFAULT_MAX_FRAME_BYTES
+
+DEFAULT_LISTEN = ("127.0.0.1", 7443)
+DEFAULT_API = ("127.0.0.1", 7480)
+DEFAULT_HEARTBEAT_INTERVAL = 30.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Parse `host:port` or `[v6]:port` into (host, port); raise ConfigError naming what is wrong."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ConfigError(f"bad address {text!r}: expected [IPv6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise ConfigError(f"bad address {text!r}: expected HOST:PORT")
+        if ":" in host:
+            raise ConfigError(f"bad address {text!r}: write an IPv6 address in brackets, e.g. [::1]:7443")
+    if not host:
+        raise ConfigError(f"bad address {text!r}: the host is empty")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"bad address {text!r}: the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def format_address(host: str, port: int) -> str:
+    """The inverse of parse_address: brackets around IPv6 literals."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """Everything an `Endpoint` needs; ports may be 0 (the bound port is reported after start)."""
+
+    state_dir: Path
+    listen_host: str = DEFAULT_LISTEN[0]
+    listen_port: int = DEFAULT_LISTEN[1]
+    api_host: str = DEFAULT_API[0]
+    api_port: int = DEFAULT_API[1]
+    api_enabled: bool = True
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    # The agent token file; default STATE_DIR/agent-token (created on first run).
+    agent_token_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("listen_port", "api_port"):
+            port = getattr(self, name)
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+                raise ConfigError(f"{name} must be a port number from 0 to 65535, got {port!r}")
+        for name in ("listen_host", "api_host"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} must not be empty")
+        for name in ("heartbeat_interval", "handshake_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 86400:
+                raise ConfigError(f"{name} must be a number of seconds in (0, 86400], got {value!r}")
+        if not isinstance(self.max_frame_bytes, int) or not 64 <= self.max_frame_bytes <= 1 << 30:
+            raise ConfigError(f"max_frame_bytes must be an integer from 64 to 2**30, got {self.max_frame_bytes!r}")
+
+    @property
+    def idle_timeout(self) -> float:
+        """A session that received nothing for this long is closed (protocol: 1.5 x heartbeat_interval)."""
+        return 1.5 * self.heartbeat_interval

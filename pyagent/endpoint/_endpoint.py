@@ -1,0 +1,198 @@
+"""`Endpoint`: the state directory, the registry, the agent TLS server and the operator API, in one asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from types import TracebackType
+from typing import Any
+
+import pyagent
+from pyagent.endpoint._api import DEFAULT_CALL_TIMEOUT, ApiServer, create_app
+from pyagent.endpoint._config import EndpointConfig, format_address
+from pyagent.endpoint._errors import EndpointError
+from pyagent.endpoint._log import log_event
+from pyagent.endpoint._net import dial_host
+from pyagent.endpoint._registry import AgentRecord, Registry
+from pyagent.endpoint._server import AgentServer
+from pyagent.endpoint._session import SessionSettings
+from pyagent.endpoint._state import State, StatePaths, prepare_state, server_ssl_context, write_endpoint_json
+from pyagent.protocol import AGENT_UNAVAILABLE, INVALID_PARAMS, RemoteError
+
+_log = logging.getLogger("pyagent.endpoint")
+
+# Buffered heartbeats are written to the registry this often (and before every read).
+FLUSH_INTERVAL = 1.0
+
+
+class Endpoint:
+    """The controller agents dial.
+
+    Use as `async with Endpoint(config) as ep:` (or `await ep.start()` ... `await ep.aclose()`); after start,
+    `listen_address`, `listen_port` and `api_url` report where it really listens (ports may be configured as 0).
+    """
+
+    def __init__(self, config: EndpointConfig) -> None:
+        self.config = config
+        self._state: State | None = None
+        self._registry: Registry | None = None
+        self._server: AgentServer | None = None
+        self._api: ApiServer | None = None
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._closed = asyncio.Event()
+        self._closing = False
+        self._started = False
+        self.listen_port = 0
+        self.api_port = 0
+
+    # -- life cycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Prepare the state directory, open the registry, listen for agents and operators, write endpoint.json."""
+        if self._server is not None:
+            raise EndpointError("the endpoint is already started")
+        config = self.config
+        try:
+            self._state = state = prepare_state(config.state_dir, config.listen_host, config.agent_token_file)
+            self._registry = registry = Registry(state.paths.database)
+            stale = registry.mark_all_disconnected()
+            if stale:
+                log_event(_log, logging.INFO, "registry.reset", agents_marked_disconnected=stale)
+            settings = SessionSettings(
+                agent_token=state.agent_token.encode("utf-8"),
+                heartbeat_interval=config.heartbeat_interval,
+                handshake_timeout=config.handshake_timeout,
+                max_frame_bytes=config.max_frame_bytes,
+            )
+            self._server = AgentServer(settings, registry, server_ssl_context(state.paths))
+            self.listen_port = await self._server.start(config.listen_host, config.listen_port)
+            if config.api_enabled:
+                self._api = ApiServer(create_app(self, state.operator_token, max_body_bytes=config.max_frame_bytes))
+                self.api_port = await self._api.start(config.api_host, config.api_port)
+            self._schedule_flush()
+            write_endpoint_json(state.paths, {
+                "pid": os.getpid(),
+                "listen": self.listen_address,
+                "api": self.api_url,
+                "ca": str(state.paths.ca_cert),
+                "version": pyagent.__version__,
+            })
+        except BaseException:
+            await self.aclose()
+            raise
+        self._started = True
+        log_event(_log, logging.INFO, "endpoint.started", listen=self.listen_address, api=self.api_url,
+                  state_dir=str(state.paths.root), heartbeat_interval=config.heartbeat_interval,
+                  version=pyagent.__version__)
+
+    async def aclose(self) -> None:
+        """Stop listening, close every session, mark agents disconnected, close the registry. Idempotent."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+            closers = []
+            if self._server is not None:
+                closers.append(self._server.close())
+            if self._api is not None:
+                closers.append(self._api.close())
+            await asyncio.gather(*closers)
+            if self._registry is not None:
+                self._registry.mark_all_disconnected()
+                self._registry.close()
+            if self._started:
+                log_event(_log, logging.INFO, "endpoint.stopped", listen=self.listen_address)
+        finally:
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Endpoint:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    def _schedule_flush(self) -> None:
+        self._flush_handle = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush)
+
+    def _flush(self) -> None:
+        if self._registry is not None and not self._closing:
+            self._registry.flush()
+            self._schedule_flush()
+
+    # -- where it listens -------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        if self._state is None:
+            raise EndpointError("the endpoint is not started")
+        return self._state
+
+    @property
+    def paths(self) -> StatePaths:
+        return self.state.paths
+
+    @property
+    def listen_address(self) -> str:
+        """`host:port` agents dial (the configured host, the bound port)."""
+        return format_address(self.config.listen_host, self.listen_port)
+
+    @property
+    def api_url(self) -> str | None:
+        if self._api is None:
+            return None
+        return "http://" + format_address(dial_host(self.config.api_host), self.api_port)
+
+    # -- agents and calls -------------------------------------------------------------------------------------
+
+    def _require_registry(self) -> Registry:
+        if self._registry is None or self._closing:
+            raise EndpointError("the endpoint is not running")
+        return self._registry
+
+    def agents(self) -> list[AgentRecord]:
+        """Every agent the registry knows, connected or not."""
+        return self._require_registry().list_agents()
+
+    def agent(self, ref: str) -> AgentRecord | None:
+        """One agent by id or name, or None."""
+        return self._require_registry().get_agent(ref)
+
+    def is_connected(self, target: str) -> bool:
+        """Whether `target` (an agent id or name) has a live session."""
+        if self._server is None:
+            return False
+        try:
+            self._server.session_for(target)
+        except RemoteError:
+            return False
+        return True
+
+    @property
+    def connected_count(self) -> int:
+        return 0 if self._server is None else self._server.connected
+
+    async def call(self, target: str, method: str, params: dict[str, Any] | None = None,
+                   timeout: float = DEFAULT_CALL_TIMEOUT) -> Any:
+        """Call `object.method` on the agent `target` (id or name) and return its result.
+
+        Raises RemoteError: the agent's own error, agent_unavailable (-32003) when the target is unknown, not
+        connected or its session is lost while waiting, timeout (-32004), invalid_params (-32602) for a bad method
+        name, timeout or params.
+        """
+        obj, dot, name = method.rpartition(".")
+        if not (obj and dot and name):
+            raise RemoteError(INVALID_PARAMS, f"method must be 'object.method', got {method!r}")
+        if not timeout > 0:
+            raise RemoteError(INVALID_PARAMS, f"timeout must be positive, got {timeout!r}")
+        if self._server is None or self._closing:
+            raise RemoteError(AGENT_UNAVAILABLE, "the endpoint is not running")
+        return await self._server.call(target, obj, name, {} if params is None else params, timeout)

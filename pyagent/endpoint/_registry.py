@@ -1,0 +1,185 @@
+"""The agent registry (SQLite).
+
+One class with a small surface (`upsert_hello`, `heartbeat`, `set_disconnected`, `list_agents`, `get_agent`) so that a
+PostgreSQL implementation can replace it for cluster mode. All calls come from the event loop thread; statements are
+small, and heartbeats are buffered in memory and written in one transaction per `flush()` (the endpoint flushes about
+once a second, and before every read), so 10k agents cost one short write per second instead of 10k commits.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+from pyagent.endpoint._errors import StateError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id       TEXT PRIMARY KEY,
+    name           TEXT NOT NULL,
+    host_version   TEXT,
+    python_version TEXT,
+    bundles        TEXT NOT NULL DEFAULT '[]',
+    labels         TEXT NOT NULL DEFAULT '{}',
+    platform       TEXT NOT NULL DEFAULT '{}',
+    features       TEXT NOT NULL DEFAULT '{}',
+    first_seen     INTEGER NOT NULL,
+    last_seen      INTEGER NOT NULL,
+    connected      INTEGER NOT NULL DEFAULT 0,
+    latency_ms     REAL,
+    skew_ms        REAL,
+    py_lag_ms      REAL,
+    peer           TEXT
+);
+CREATE INDEX IF NOT EXISTS agents_name ON agents(name);
+"""
+
+_COLUMNS = ("agent_id, name, connected, host_version, python_version, bundles, labels, platform, features, "
+            "first_seen, last_seen, latency_ms, skew_ms, py_lag_ms, peer")
+
+
+class AgentRecord(TypedDict):
+    """An agent as the operator API shows it; times are milliseconds since the epoch."""
+
+    agent_id: str
+    name: str
+    connected: bool
+    host_version: str | None
+    python_version: str | None
+    bundles: list[Any]
+    labels: dict[str, Any]
+    platform: dict[str, Any]
+    features: dict[str, Any]
+    first_seen: int
+    last_seen: int
+    latency_ms: float | None
+    skew_ms: float | None
+    py_lag_ms: float | None
+    peer: str | None
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What an agent says about itself in its hello."""
+
+    agent_id: str
+    name: str
+    host_version: str
+    python_version: str
+    bundles: list[dict[str, Any]]
+    labels: dict[str, str]
+    platform: dict[str, str]
+    features: dict[str, int]
+
+
+def _record(row: tuple[Any, ...]) -> AgentRecord:
+    return AgentRecord(
+        agent_id=row[0], name=row[1], connected=bool(row[2]), host_version=row[3], python_version=row[4],
+        bundles=json.loads(row[5]), labels=json.loads(row[6]), platform=json.loads(row[7]),
+        features=json.loads(row[8]), first_seen=row[9], last_seen=row[10], latency_ms=row[11], skew_ms=row[12],
+        py_lag_ms=row[13], peer=row[14],
+    )
+
+
+class Registry:
+    """SQLite store of agents. Not thread-safe: use it from the event loop thread only."""
+
+    def __init__(self, path: Path | str) -> None:
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open the registry {path}: {exc}") from exc
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=2000")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StateError(f"the registry {path} has schema version {version}, newer than this endpoint "
+                                 f"({SCHEMA_VERSION}); upgrade pyagent")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StateError(f"cannot use the registry {path}: {exc}") from exc
+        except BaseException:
+            self._db.close()
+            raise
+        # agent_id -> (last_seen, latency_ms, skew_ms, py_lag_ms), written by flush().
+        self._heartbeats: dict[str, tuple[int, float | None, float | None, float | None]] = {}
+
+    def close(self) -> None:
+        self.flush()
+        self._db.close()
+
+    def mark_all_disconnected(self) -> int:
+        self._heartbeats.clear()
+        return self._db.execute("UPDATE agents SET connected = 0 WHERE connected != 0").rowcount
+
+    def upsert_hello(self, info: AgentInfo, peer: str, now_ms: int) -> None:
+        """Record a successful handshake: the agent is connected, its latency is not measured yet."""
+        self._heartbeats.pop(info.agent_id, None)
+        self._db.execute(
+            "INSERT INTO agents (agent_id, name, host_version, python_version, bundles, labels, platform, features,"
+            " first_seen, last_seen, connected, latency_ms, skew_ms, py_lag_ms, peer)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, NULL, NULL, NULL, ?)"
+            " ON CONFLICT(agent_id) DO UPDATE SET name = excluded.name, host_version = excluded.host_version,"
+            " python_version = excluded.python_version, bundles = excluded.bundles, labels = excluded.labels,"
+            " platform = excluded.platform, features = excluded.features, last_seen = excluded.last_seen,"
+            " connected = 1, latency_ms = NULL, skew_ms = NULL, py_lag_ms = NULL, peer = excluded.peer",
+            (info.agent_id, info.name, info.host_version, info.python_version, json.dumps(info.bundles),
+             json.dumps(info.labels), json.dumps(info.platform), json.dumps(info.features), now_ms, now_ms, peer),
+        )
+
+    def heartbeat(self, agent_id: str, now_ms: int, latency_ms: float | None, skew_ms: float | None,
+                  py_lag_ms: float | None) -> None:
+        """Buffer a heartbeat; a None measurement keeps the last known value."""
+        prev = self._heartbeats.get(agent_id)
+        if prev is not None:
+            latency_ms = prev[1] if latency_ms is None else latency_ms
+            skew_ms = prev[2] if skew_ms is None else skew_ms
+            py_lag_ms = prev[3] if py_lag_ms is None else py_lag_ms
+        self._heartbeats[agent_id] = (now_ms, latency_ms, skew_ms, py_lag_ms)
+
+    @property
+    def pending(self) -> int:
+        return len(self._heartbeats)
+
+    def flush(self) -> None:
+        """Write the buffered heartbeats in one transaction."""
+        if not self._heartbeats:
+            return
+        rows = [(ts, lat, skew, lag, agent_id) for agent_id, (ts, lat, skew, lag) in self._heartbeats.items()]
+        self._heartbeats.clear()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "UPDATE agents SET last_seen = ?, latency_ms = COALESCE(?, latency_ms),"
+                " skew_ms = COALESCE(?, skew_ms), py_lag_ms = COALESCE(?, py_lag_ms) WHERE agent_id = ?",
+                rows,
+            )
+
+    def set_disconnected(self, agent_id: str, now_ms: int) -> None:
+        self.flush()
+        self._db.execute("UPDATE agents SET connected = 0, last_seen = ? WHERE agent_id = ?", (now_ms, agent_id))
+
+    def list_agents(self) -> list[AgentRecord]:
+        self.flush()
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM agents ORDER BY name, agent_id").fetchall()
+        return [_record(row) for row in rows]
+
+    def get_agent(self, ref: str) -> AgentRecord | None:
+        """An agent by id, else by name (the connected, most recently seen one when several share the name)."""
+        self.flush()
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM agents WHERE agent_id = ?", (ref,)).fetchone()
+        if row is None:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM agents WHERE name = ? ORDER BY connected DESC, last_seen DESC LIMIT 1",
+                (ref,),
+            ).fetchone()
+        return None if row is None else _record(row)
