@@ -33,9 +33,9 @@ install_python_packages() {
         echo "setup: creating $VENV"
         /usr/bin/python3 -m venv "$VENV"
     fi
-    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
     echo "setup: building pyagent and pyagent-host into $VENV"
-    "$VENV/bin/python" -m pip install -q "$ROOT[test]"
+    # (pip's notes about unused local index locations on some machines are noise: filtered, errors still show)
+    "$VENV/bin/python" -m pip install -q "$ROOT[test]" 2> >(grep -v "^WARNING: Location" >&2)
 }
 
 setup() {

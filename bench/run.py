@@ -1,0 +1,175 @@
+"""pyagent benchmarks: one JSON object on stdout.
+
+An endpoint runs in this process (the same `Endpoint` class `pyagent endpoint serve` runs) and a real `pyagent-host`
+with bundles/hello runs as a child, over TLS on 127.0.0.1. Figures:
+
+- start_to_handshake_ms: process spawn -> the endpoint has the agent's session (median of several starts)
+- worker_rss_mb / worker_pss_mb: the host process after 10 s idle with bundles/hello
+- rpc_p50_us / rpc_p99_us / rpc_seq_per_s: endpoint -> agent method -> back, one call at a time
+- rpc_pipelined_per_s: the same with 1,000 calls in flight
+
+Budgets live in shared/DESIGN.md section 9; nothing here asserts them. Usage: python bench/run.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pyagent.endpoint import Endpoint, EndpointConfig  # noqa: E402
+
+
+def host_binary() -> str:
+    found = shutil.which("pyagent-host") or str(Path(sys.executable).parent / "pyagent-host")
+    if not os.access(found, os.X_OK):
+        sys.exit("bench: pyagent-host not found; run scripts/dev.sh setup first")
+    return found
+
+
+def write_agent_config(workdir: Path, ep: Endpoint, name: str) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "agent.toml"
+    config.write_text(
+        f'name = "{name}"\n'
+        f'state_dir = "{workdir / "state"}"\n'
+        f'endpoints = ["{ep.listen_address}"]\n'
+        f'ca = "{ep.paths.ca_cert}"\n'
+        f'token = "{ep.state.agent_token}"\n'
+        f'bundles = ["{REPO / "bundles" / "hello"}"]\n'
+        'log_level = "warning"\n')
+    return config
+
+
+def memory_mb(pid: int) -> tuple[float, float]:
+    rss = pss = 0.0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1]) / 1024
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1]) / 1024
+    return rss, pss
+
+
+async def start_agent(ep: Endpoint, config: Path, name: str, log: Path) -> tuple[subprocess.Popen[bytes], float]:
+    with open(log, "ab") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([host_binary(), "--foreground", "--config", str(config)], stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL)
+    deadline = t0 + 20
+    while not ep.is_connected(name):
+        if proc.poll() is not None or time.perf_counter() > deadline:
+            proc.kill()
+            proc.wait()
+            sys.exit(f"bench: the agent did not connect; see {log}:\n{log.read_text()[-2000:]}")
+        await asyncio.sleep(0.0005)
+    return proc, (time.perf_counter() - t0) * 1000
+
+
+def stop_agent(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    idx = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return sorted_values[idx]
+
+
+async def bench(quick: bool) -> dict[str, Any]:
+    starts = 3 if quick else 7
+    idle_s = 2.0 if quick else 10.0
+    seq_calls = 500 if quick else 5000
+    pipelined_calls = 5000 if quick else 50000
+    in_flight = 1000
+    with tempfile.TemporaryDirectory(prefix="pyagent-bench-") as tmp:
+        root = Path(tmp)
+        config = EndpointConfig(state_dir=root / "endpoint", listen_port=0, api_enabled=False,
+                                heartbeat_interval=30.0)
+        async with Endpoint(config) as ep:
+            agent_config = write_agent_config(root / "agent", ep, "bench-agent")
+            log = root / "agent" / "host.log"
+
+            handshake_ms = []
+            for _ in range(starts):
+                proc, ms = await start_agent(ep, agent_config, "bench-agent", log)
+                handshake_ms.append(ms)
+                stop_agent(proc)
+                while ep.is_connected("bench-agent"):
+                    await asyncio.sleep(0.005)
+
+            proc, _ = await start_agent(ep, agent_config, "bench-agent", log)
+            try:
+                await ep.call("bench-agent", "hello.greet", {"name": "warm-up"})
+                await asyncio.sleep(idle_s)
+                rss, pss = memory_mb(proc.pid)
+
+                latencies = []
+                t_start = time.perf_counter()
+                for i in range(seq_calls):
+                    t0 = time.perf_counter_ns()
+                    await ep.call("bench-agent", "hello.greet", {"name": "bench"})
+                    latencies.append((time.perf_counter_ns() - t0) / 1000)
+                seq_elapsed = time.perf_counter() - t_start
+                latencies.sort()
+
+                sem = asyncio.Semaphore(in_flight)
+
+                async def one() -> None:
+                    async with sem:
+                        await ep.call("bench-agent", "hello.greet", {"name": "bench"}, timeout=60)
+
+                t_start = time.perf_counter()
+                await asyncio.gather(*(one() for _ in range(pipelined_calls)))
+                pipe_elapsed = time.perf_counter() - t_start
+                rss_after, _ = memory_mb(proc.pid)
+            finally:
+                stop_agent(proc)
+
+    return {
+        "worker_rss_mb": round(rss, 2),
+        "worker_pss_mb": round(pss, 2),
+        "worker_rss_after_load_mb": round(rss_after, 2),
+        "idle_seconds": idle_s,
+        "start_to_handshake_ms": round(statistics.median(handshake_ms), 2),
+        "start_to_handshake_ms_all": [round(x, 2) for x in handshake_ms],
+        "rpc_p50_us": round(percentile(latencies, 50), 1),
+        "rpc_p99_us": round(percentile(latencies, 99), 1),
+        "rpc_seq_per_s": round(seq_calls / seq_elapsed, 1),
+        "rpc_seq_calls": seq_calls,
+        "rpc_pipelined_per_s": round(pipelined_calls / pipe_elapsed, 1),
+        "rpc_pipelined_calls": pipelined_calls,
+        "rpc_in_flight": in_flight,
+        "host": subprocess.run([host_binary(), "--version"], capture_output=True, text=True).stdout.strip(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer calls and a short idle (a smoke run)")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(bench(args.quick)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
