@@ -51,6 +51,11 @@ run_c_tests() {
     ctest --test-dir "$build" --output-on-failure
 }
 
+run_type_check() {
+    echo "mypy --strict -p pyagent"
+    (cd "$ROOT" && "$VENV/bin/mypy" --strict --cache-dir "$ROOT/build/mypy" -p pyagent)
+}
+
 run_python_tests() {
     PATH="$VENV/bin:$PATH" "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
 }
@@ -60,6 +65,6 @@ shift || true
 case "$cmd" in
     setup) setup ;;
     demo) setup; "$VENV/bin/pyagent" demo "$@" ;;
-    test) setup; run_c_tests; run_python_tests "$@" ;;
+    test) setup; run_c_tests; run_type_check; run_python_tests "$@" ;;
     *) echo "usage: scripts/dev.sh setup|demo|test" >&2; exit 2 ;;
 esac

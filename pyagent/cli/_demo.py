@@ -41,7 +41,12 @@ class DemoError(CliError):
 
 
 def find_host() -> Path:
-    """`pyagent-host` on PATH, else next to this interpreter (a venv's bin/)."""
+    """$PYAGENT_HOST if set, else `pyagent-host` on PATH, else next to this interpreter (a venv's bin/)."""
+    explicit = os.environ.get("PYAGENT_HOST")
+    if explicit:
+        if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
+            return Path(explicit)
+        raise DemoError(f"cannot find pyagent-host: PYAGENT_HOST={explicit} is not an executable file")
     found = shutil.which("pyagent-host")
     if found:
         return Path(found)

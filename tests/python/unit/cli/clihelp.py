@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[4]
 
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for a `pyagent` subprocess: this checkout importable, no inherited endpoint settings."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYAGENT_API", "PYAGENT_TOKEN", "PYAGENT_STATE_DIR")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYAGENT_API", "PYAGENT_TOKEN", "PYAGENT_STATE_DIR", "PYAGENT_HOST")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.update(extra)
     return env

@@ -54,11 +54,8 @@ def test_demo_kills_a_host_that_ignores_sigterm(tmp_path: Path) -> None:
     assert len(pids(result.stdout)) == 2 and all(pid_gone(p) for p in pids(result.stdout))
 
 
-@pytest.mark.skipif((Path(sys.executable).parent / "pyagent-host").exists(),
-                    reason="a real pyagent-host is installed next to this interpreter")
 def test_demo_without_a_host(tmp_path: Path) -> None:
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    result = run_cli("demo", env=cli_env(PATH=str(empty)))
+    missing = tmp_path / "no-such-host"
+    result = run_cli("demo", env=cli_env(PYAGENT_HOST=str(missing)))
     assert result.returncode == 1
-    assert "cannot find pyagent-host" in result.stderr
+    assert f"cannot find pyagent-host: PYAGENT_HOST={missing} is not an executable file" in result.stderr
