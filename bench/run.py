@@ -4,7 +4,8 @@ An endpoint runs in this process (the same `Endpoint` class `pyagent endpoint se
 with bundles/hello runs as a child, over TLS on 127.0.0.1. Figures:
 
 - start_to_handshake_ms: process spawn -> the endpoint has the agent's session (median of several starts)
-- worker_rss_mb / worker_pss_mb: the host process after 10 s idle with bundles/hello
+- worker_rss_mb / worker_pss_mb / worker_uss_mb: the host process after 10 s idle with bundles/hello (USS = private
+  pages, what one more agent process costs; RSS also counts shared library pages such as libpython and libcrypto)
 - rpc_p50_us / rpc_p99_us / rpc_seq_per_s: endpoint -> agent method -> back, one call at a time
 - rpc_pipelined_per_s: the same with 1,000 calls in flight
 
@@ -54,15 +55,16 @@ def write_agent_config(workdir: Path, ep: Endpoint, name: str) -> Path:
     return config
 
 
-def memory_mb(pid: int) -> tuple[float, float]:
-    rss = pss = 0.0
+def memory_mb(pid: int) -> dict[str, float]:
+    """RSS, PSS and USS (private pages: what one more agent process really costs) in MB."""
+    fields = {"Rss": 0, "Pss": 0, "Private_Clean": 0, "Private_Dirty": 0}
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
-            if line.startswith("Rss:"):
-                rss = int(line.split()[1]) / 1024
-            elif line.startswith("Pss:"):
-                pss = int(line.split()[1]) / 1024
-    return rss, pss
+            key, _, rest = line.partition(":")
+            if key in fields:
+                fields[key] = int(rest.split()[0])
+    return {"rss": fields["Rss"] / 1024, "pss": fields["Pss"] / 1024,
+            "uss": (fields["Private_Clean"] + fields["Private_Dirty"]) / 1024}
 
 
 async def start_agent(ep: Endpoint, config: Path, name: str, log: Path) -> tuple[subprocess.Popen[bytes], float]:
@@ -120,7 +122,7 @@ async def bench(quick: bool) -> dict[str, Any]:
             try:
                 await ep.call("bench-agent", "hello.greet", {"name": "warm-up"})
                 await asyncio.sleep(idle_s)
-                rss, pss = memory_mb(proc.pid)
+                idle_mem = memory_mb(proc.pid)
 
                 latencies = []
                 t_start = time.perf_counter()
@@ -131,23 +133,27 @@ async def bench(quick: bool) -> dict[str, Any]:
                 seq_elapsed = time.perf_counter() - t_start
                 latencies.sort()
 
-                sem = asyncio.Semaphore(in_flight)
+                # 1,000 workers, each with one call in flight at a time: exactly `in_flight` outstanding calls
+                # (a Semaphore with 1,000 waiters costs O(waiters) per release on 3.11 and would measure itself).
+                per_worker = pipelined_calls // in_flight
 
-                async def one() -> None:
-                    async with sem:
+                async def worker() -> None:
+                    for _ in range(per_worker):
                         await ep.call("bench-agent", "hello.greet", {"name": "bench"}, timeout=60)
 
                 t_start = time.perf_counter()
-                await asyncio.gather(*(one() for _ in range(pipelined_calls)))
+                await asyncio.gather(*(worker() for _ in range(in_flight)))
                 pipe_elapsed = time.perf_counter() - t_start
-                rss_after, _ = memory_mb(proc.pid)
+                pipelined_calls = per_worker * in_flight
+                loaded_mem = memory_mb(proc.pid)
             finally:
                 stop_agent(proc)
 
     return {
-        "worker_rss_mb": round(rss, 2),
-        "worker_pss_mb": round(pss, 2),
-        "worker_rss_after_load_mb": round(rss_after, 2),
+        "worker_rss_mb": round(idle_mem["rss"], 2),
+        "worker_pss_mb": round(idle_mem["pss"], 2),
+        "worker_uss_mb": round(idle_mem["uss"], 2),
+        "worker_rss_after_load_mb": round(loaded_mem["rss"], 2),
         "idle_seconds": idle_s,
         "start_to_handshake_ms": round(statistics.median(handshake_ms), 2),
         "start_to_handshake_ms_all": [round(x, 2) for x in handshake_ms],
