@@ -1,6 +1,6 @@
 """Protocol v1: message shapes, error codes and the line codec shared by the runtime and the endpoint."""
 
-from pyagent.protocol._codec import decode, encode
+from pyagent.protocol._codec import MAX_NESTING, decode, encode
 from pyagent.protocol._errors import (
     AGENT_UNAVAILABLE,
     ERROR_NAMES,
@@ -36,6 +36,7 @@ __all__ = [
     "INTERNAL_ERROR",
     "INVALID_PARAMS",
     "INVALID_REQUEST",
+    "MAX_NESTING",
     "METHODS",
     "METHOD_NOT_FOUND",
     "PARSE_ERROR",

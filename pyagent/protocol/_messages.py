@@ -17,14 +17,18 @@ METHODS: dict[str, str] = {
 }
 
 
-def request(msg_id: int, method: str, params: dict[str, Any] | None = None, *,
-            source: str | None = None, target: str | None = None) -> dict[str, Any]:
-    msg: dict[str, Any] = {"v": VERSION, "id": msg_id, "method": method, "params": params or {}}
+def _addressed(msg: dict[str, Any], source: str | None, target: str | None) -> dict[str, Any]:
+    """Add the optional `source`/`target` fields (the connection already identifies the peer)."""
     if source is not None:
         msg["source"] = source
     if target is not None:
         msg["target"] = target
     return msg
+
+
+def request(msg_id: int, method: str, params: dict[str, Any] | None = None, *,
+            source: str | None = None, target: str | None = None) -> dict[str, Any]:
+    return _addressed({"v": VERSION, "id": msg_id, "method": method, "params": params or {}}, source, target)
 
 
 def notification(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -33,12 +37,7 @@ def notification(method: str, params: dict[str, Any] | None = None) -> dict[str,
 
 def response(msg_id: Any, result: Any, *, source: str | None = None,
              target: str | None = None) -> dict[str, Any]:
-    msg: dict[str, Any] = {"v": VERSION, "id": msg_id, "result": result}
-    if source is not None:
-        msg["source"] = source
-    if target is not None:
-        msg["target"] = target
-    return msg
+    return _addressed({"v": VERSION, "id": msg_id, "result": result}, source, target)
 
 
 def error_response(msg_id: Any, code: int, message: str, data: Any = None, *,
@@ -46,12 +45,7 @@ def error_response(msg_id: Any, code: int, message: str, data: Any = None, *,
     err: dict[str, Any] = {"code": code, "message": message}
     if data is not None:
         err["data"] = data
-    msg: dict[str, Any] = {"v": VERSION, "id": msg_id, "error": err}
-    if source is not None:
-        msg["source"] = source
-    if target is not None:
-        msg["target"] = target
-    return msg
+    return _addressed({"v": VERSION, "id": msg_id, "error": err}, source, target)
 
 
 def validate_message(msg: Any) -> dict[str, Any]:

@@ -173,6 +173,7 @@ def read_reply(conn: ssl.SSLSocket) -> tuple[Any, bool]:
     (b'{"v":"2","id":1,"method":"handshake.hello","params":{}}\n', -32002),
     (b"x" * (1 << 20) + b"y\n", -32005),
     (b"[1,2,3]\n", -32600),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", -32700),
 ])
 def test_endpoint_refuses_bad_frames(endpoint: EndpointProc, agent: AgentProc, payload: bytes, code: int) -> None:
     with raw_client(endpoint) as conn:
@@ -191,6 +192,7 @@ def test_endpoint_refuses_bad_frames(endpoint: EndpointProc, agent: AgentProc, p
     (b"{not json\n", -32700),
     (b'{"v":"9","id":5,"method":"bundle.call","params":{}}\n', -32002),
     (b"z" * ((1 << 20) + 1) + b"\n", -32005),
+    (b"[" * 3000 + b"]" * 3000 + b"\n", -32700),
 ])
 def test_host_refuses_bad_frames(tmp_path: Path, endpoint: EndpointProc, make_agent: Any, garbage: bytes,
                                  code: int) -> None:
@@ -243,3 +245,12 @@ def test_host_drops_silent_endpoint(tmp_path: Path, endpoint: EndpointProc, make
         assert a.alive()
     finally:
         fake.stop()
+
+
+def test_deeply_nested_params_reach_the_bundle(endpoint: EndpointProc, agent: AgentProc) -> None:
+    """Nesting the host's parser accepts (< 2048) must decode in the Python runtime too, not kill the call."""
+    value: object = "leaf"
+    for _ in range(1500):
+        value = [value]
+    body = endpoint.call(agent.agent_id, "probe.echo", {"value": value}, timeout=20)
+    assert body == {"result": value}
