@@ -49,7 +49,7 @@ def write_agent_config(workdir: Path, ep: Endpoint, name: str) -> Path:
         f'state_dir = "{workdir / "state"}"\n'
         f'endpoints = ["{ep.listen_address}"]\n'
         f'ca = "{ep.paths.ca_cert}"\n'
-        f'token = "{ep.state.agent_token}"\n'
+        f'token = "{ep.tokens.create_enroll_token(uses=1)[0]}"\n'  # enrolls on first start, then mutual TLS
         f'bundles = ["{REPO / "bundles" / "hello"}"]\n'
         'log_level = "warning"\n')
     return config

@@ -21,5 +21,7 @@ int main(int argc, char **argv) {
     return 0;
   }
   signal(SIGPIPE, SIG_IGN);
+  /* Short-lived tasks of the same executable (DESIGN §2): heavy, rare work that must stay out of the worker. */
+  if (argc > 1 && strcmp(argv[1], "enroll") == 0) return pa_embed_run_task(argc, argv, "pyagent.runtime.enroll");
   return pa_embed_run(argc, argv);
 }

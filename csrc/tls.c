@@ -1,6 +1,7 @@
 #include "tls.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <arpa/inet.h>
@@ -17,6 +18,7 @@ static void take_openssl_error(char *buf, size_t cap, const char *what) {
 
 int pa_tls_ctx_init(pa_tls_ctx_t *c, const char *ca_file, const char *cert_file, const char *key_file, char *err,
                     size_t errlen) {
+  memset(c, 0, sizeof *c);
   c->ctx = SSL_CTX_new(TLS_client_method());
   if (!c->ctx) {
     take_openssl_error(err, errlen, "SSL_CTX_new failed");
@@ -36,7 +38,16 @@ int pa_tls_ctx_init(pa_tls_ctx_t *c, const char *ca_file, const char *cert_file,
     if (SSL_CTX_use_certificate_chain_file(c->ctx, cert_file) != 1 ||
         SSL_CTX_use_PrivateKey_file(c->ctx, key_file, SSL_FILETYPE_PEM) != 1 ||
         SSL_CTX_check_private_key(c->ctx) != 1) {
-      take_openssl_error(err, errlen, "cannot load the client certificate or key");
+      char what[1100];
+      snprintf(what, sizeof what, "cannot load the client certificate '%s' or key '%s'", cert_file, key_file);
+      take_openssl_error(err, errlen, what);
+      pa_tls_ctx_free(c);
+      return PA_TLS_EFAIL;
+    }
+    c->cert_file = strdup(cert_file);
+    c->key_file = strdup(key_file);
+    if (!c->cert_file || !c->key_file) {
+      snprintf(err, errlen, "out of memory");
       pa_tls_ctx_free(c);
       return PA_TLS_EFAIL;
     }
@@ -46,7 +57,10 @@ int pa_tls_ctx_init(pa_tls_ctx_t *c, const char *ca_file, const char *cert_file,
 
 void pa_tls_ctx_free(pa_tls_ctx_t *c) {
   if (c->ctx) SSL_CTX_free(c->ctx);
+  free(c->cert_file);
+  free(c->key_file);
   c->ctx = NULL;
+  c->cert_file = c->key_file = NULL;
 }
 
 static int is_ip_literal(const char *name) {
@@ -72,6 +86,17 @@ int pa_tls_init(pa_tls_t *t, pa_tls_ctx_t *c, const char *server_name) {
   BIO_set_mem_eof_return(t->wbio, -1);
   SSL_set_bio(t->ssl, t->rbio, t->wbio); /* the SSL now owns both BIOs */
   SSL_set_connect_state(t->ssl);
+  if (c->cert_file && c->key_file &&
+      (SSL_use_certificate_chain_file(t->ssl, c->cert_file) != 1 ||
+       SSL_use_PrivateKey_file(t->ssl, c->key_file, SSL_FILETYPE_PEM) != 1 || SSL_check_private_key(t->ssl) != 1)) {
+    char what[1100];
+    snprintf(what, sizeof what, "cannot load the client certificate '%s' or key '%s'", c->cert_file, c->key_file);
+    take_openssl_error(t->error, sizeof t->error, what);
+    SSL_free(t->ssl); /* frees both BIOs */
+    t->ssl = NULL;
+    t->rbio = t->wbio = NULL;
+    return PA_TLS_EFAIL;
+  }
   X509_VERIFY_PARAM *param = SSL_get0_param(t->ssl);
   if (is_ip_literal(server_name)) {
     X509_VERIFY_PARAM_set1_ip_asc(param, server_name);

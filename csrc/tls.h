@@ -14,6 +14,10 @@
 
 typedef struct pa_tls_ctx_s {
   SSL_CTX *ctx;
+  /* The client certificate and key (mutual TLS), loaded again for every session so that a certificate renewed on
+   * disk is used from the next connection on, without restarting the host. NULL: no client certificate. */
+  char *cert_file;
+  char *key_file;
 } pa_tls_ctx_t;
 
 typedef struct pa_tls_s {
@@ -30,7 +34,8 @@ int pa_tls_ctx_init(pa_tls_ctx_t *c, const char *ca_file, const char *cert_file,
                     size_t errlen);
 void pa_tls_ctx_free(pa_tls_ctx_t *c);
 
-/* A session that will check the server certificate names `server_name` (a DNS name or an IP address literal). */
+/* A session that will check the server certificate names `server_name` (a DNS name or an IP address literal) and
+ * presents the client certificate currently in the ctx's cert_file/key_file. */
 int pa_tls_init(pa_tls_t *t, pa_tls_ctx_t *c, const char *server_name);
 void pa_tls_free(pa_tls_t *t);
 

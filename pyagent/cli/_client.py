@@ -88,6 +88,9 @@ class ApiClient:
     def post(self, path: str, body: Any, timeout: float = DEFAULT_HTTP_TIMEOUT) -> Any:
         return self._request("POST", path, json.dumps(body).encode("utf-8"), timeout)
 
+    def delete(self, path: str, timeout: float = DEFAULT_HTTP_TIMEOUT) -> Any:
+        return self._request("DELETE", path, None, timeout)
+
     def agents(self) -> list[dict[str, Any]]:
         agents: list[dict[str, Any]] = self.get("/api/v1/agents")["agents"]
         return agents
@@ -142,4 +145,6 @@ def _api_error(status: int, body: bytes) -> ApiError:
         pass
     if status == 401:
         message += "; check PYAGENT_TOKEN or the operator-token file in the state directory"
+    elif status == 403:
+        message += "; use an operator token with that scope (`pyagent operator-token create --scope ...`)"
     return ApiError(status, code if isinstance(code, int) else None, message)

@@ -194,6 +194,9 @@ class Demo:
         info = self._wait("the endpoint to write endpoint.json", STARTUP_TIMEOUT, endpoint_info)
         self.say(f"endpoint: pid {self.endpoint.pid}, agents dial {info['listen']}, API {info['api']}")
         client = ApiClient(ApiTarget(str(info["api"]), (state_dir / "operator-token").read_text().strip()))
+        # A one-use enrollment token: the agent makes its key, gets its certificate, then uses mutual TLS.
+        enroll_token = str(client.post("/api/v1/tokens", {"uses": 1, "expires": "10m"})["token"])
+        self.say("enrollment token created (1 use, 10 minutes)")
 
         agent_state = self.workdir / "agent"
         agent_state.mkdir(mode=0o700)
@@ -203,7 +206,7 @@ class Demo:
             f"state_dir = {toml_string(str(agent_state))}",
             f"endpoints = [{toml_string(str(info['listen']))}]",
             f"ca = {toml_string(str(info['ca']))}",
-            f"token = {toml_string((state_dir / 'agent-token').read_text().strip())}",
+            f"token = {toml_string(enroll_token)}",
             f"bundles = [{toml_string(str(self.bundles / 'hello'))}]",
             'log_level = "info"',
             "",

@@ -61,11 +61,12 @@ def bundles(record: dict[str, Any]) -> str:
 def agents_table(records: Sequence[dict[str, Any]]) -> str:
     ids = short_ids([str(r.get("agent_id")) for r in records])
     rows = [
-        [ids[str(r.get("agent_id"))], str(r.get("name")), "yes" if r.get("connected") else "no",
+        [ids[str(r.get("agent_id"))], str(r.get("name")), str(r.get("status") or "active"),
+         "yes" if r.get("connected") else "no",
          str(r.get("host_version") or "-"), bundles(r), millis(r.get("latency_ms")), ago(r.get("last_seen"))]
         for r in records
     ]
-    return table(["ID", "NAME", "CONNECTED", "HOST", "BUNDLES", "LATENCY", "LAST SEEN"], rows)
+    return table(["ID", "NAME", "STATUS", "CONNECTED", "HOST", "BUNDLES", "LATENCY", "LAST SEEN"], rows)
 
 
 def agent_details(r: dict[str, Any]) -> str:
@@ -82,6 +83,8 @@ def agent_details(r: dict[str, Any]) -> str:
     fields = [
         ("agent id", str(r.get("agent_id"))),
         ("name", str(r.get("name"))),
+        ("status", str(r.get("status") or "active")
+         + (f" (certificate until {timestamp(r['cert_not_after'])})" if r.get("cert_not_after") else "")),
         ("connected", f"{connected} (peer {r['peer']})" if r.get("peer") else connected),
         ("host", f"{r.get('host_version') or '-'} (Python {r.get('python_version') or '-'})"),
         ("bundles", "; ".join(bundle_lines) or "-"),

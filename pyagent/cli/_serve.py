@@ -33,7 +33,16 @@ def run_serve(args: argparse.Namespace) -> int:
             api_host=api_host,
             api_port=api_port,
             heartbeat_interval=args.heartbeat_interval,
+            allow_shared_token=args.allow_shared_token,
             agent_token_file=args.token_file,
+            handshake_timeout=args.handshake_timeout,
+            tls_handshake_timeout=args.tls_handshake_timeout,
+            cert_days=args.cert_days,
+            max_frame_bytes=args.max_frame_bytes,
+            max_in_flight=args.max_in_flight,
+            rate=args.rate,
+            rate_burst=args.rate_burst,
+            max_connections=args.max_connections,
         )
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
@@ -68,8 +77,10 @@ def _announce(endpoint: Endpoint) -> None:
         f"pyagent endpoint (pid {os.getpid()}), state in {state.paths.root}",
         f"  CA certificate: {state.paths.ca_cert}{new if 'ca' in state.created else ''}"
         + ("  <- agents pin this file: `ca = ...` in agent.toml" if "ca" in state.created else ""),
-        f"  agent token:    {state.agent_token_file}{new if 'agent_token' in state.created else ''}"
-        + ("  <- `token = ...` in agent.toml" if "agent_token" in state.created else ""),
+        (f"  agent token:    {state.agent_token_file}{new if 'agent_token' in state.created else ''}"
+         + "  <- shared token (development only): `token = ...` and `auth = \"shared-token\"` in agent.toml"
+         if endpoint.config.allow_shared_token else
+         "  agents enroll:  `pyagent token create` prints a token for `token = ...` in agent.toml"),
         f"  agents dial:    {endpoint.listen_address} (TLS)",
         f"  operator API:   {endpoint.api_url}",
     ]
@@ -85,6 +96,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="operator HTTP API (default: %(default)s)")
     parser.add_argument("--heartbeat-interval", type=float, default=30.0, metavar="SECONDS",
                         help="heartbeat interval given to agents (default: %(default)s)")
+    parser.add_argument("--allow-shared-token", action="store_true",
+                        help="DEVELOPMENT ONLY: also accept agents without a certificate that present the shared "
+                             "agent token (STATE_DIR/agent-token) in their hello")
     parser.add_argument("--token-file", type=Path, default=None, metavar="PATH",
-                        help="read the agent token from this existing file instead of STATE_DIR/agent-token")
+                        help="with --allow-shared-token: read the shared token from this existing file")
+    limits = parser.add_argument_group("limits (docs/security.md)")
+    limits.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="time from TLS to handshake.hello (default: %(default)s)")
+    limits.add_argument("--tls-handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="time for the TLS handshake (default: %(default)s)")
+    limits.add_argument("--cert-days", type=float, default=30.0, metavar="DAYS",
+                        help="lifetime of the agent certificates issued (default: %(default)s)")
+    limits.add_argument("--max-frame-bytes", type=int, default=1 << 20, metavar="BYTES",
+                        help="longest accepted line (default: %(default)s)")
+    limits.add_argument("--max-in-flight", type=int, default=1024, metavar="N",
+                        help="calls in flight to one agent (default: %(default)s)")
+    limits.add_argument("--rate", type=float, default=50.0, metavar="PER_SECOND",
+                        help="requests per second from one agent (default: %(default)s)")
+    limits.add_argument("--rate-burst", type=int, default=200, metavar="N", help="default: %(default)s")
+    limits.add_argument("--max-connections", type=int, default=10000, metavar="N",
+                        help="open agent connections, handshakes included (default: %(default)s)")
     parser.add_argument("--log-level", choices=sorted(LOG_LEVELS), default="info", help="default: %(default)s")

@@ -1,17 +1,17 @@
 """The operator HTTP API (docs/protocol.md, "Operator API"): a Starlette app served by uvicorn in the endpoint's loop.
 
-Every route requires `Authorization: Bearer <operator token>`. API misuse gets 400/401/404 with a JSON error; the
-outcome of a call is always HTTP 200 with `{"result": ...}` or `{"error": {...}}`.
+Every route requires `Authorization: Bearer <operator token>` and a scope (read, call or admin) of that token. API
+misuse gets 400/401/403/404 with a JSON error; the outcome of a call is always HTTP 200 with `{"result": ...}` or
+`{"error": {...}}`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
-from collections.abc import Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import Any, Protocol
 
 import uvicorn
@@ -27,6 +27,7 @@ from pyagent.endpoint._errors import EndpointError
 from pyagent.endpoint._log import log_event, log_exception
 from pyagent.endpoint._net import bind_listeners, peer_name
 from pyagent.endpoint._registry import AgentRecord
+from pyagent.endpoint._tokens import SCOPES, TokenFormatError, parse_duration, scope_allows
 from pyagent.protocol import (
     AGENT_UNAVAILABLE,
     INTERNAL_ERROR,
@@ -43,6 +44,13 @@ MAX_CALL_TIMEOUT = 3600.0
 CALL_FIELDS = frozenset({"target", "method", "params", "timeout"})
 
 
+Authenticator = Callable[[str], "tuple[str, tuple[str, ...]] | None"]
+_SCOPES_KEY = "pyagent.scopes"
+_TOKEN_ID_KEY = "pyagent.token_id"
+TOKEN_FIELDS = frozenset({"uses", "expires", "labels", "approve"})
+OPERATOR_TOKEN_FIELDS = frozenset({"scopes", "label"})
+
+
 class ApiBackend(Protocol):
     """What the API needs from the endpoint."""
 
@@ -50,6 +58,10 @@ class ApiBackend(Protocol):
     def agent(self, ref: str) -> AgentRecord | None: ...
     async def call(self, target: str, method: str, params: dict[str, Any] | None = None,
                    timeout: float = DEFAULT_CALL_TIMEOUT) -> Any: ...
+    def set_agent_status(self, agent_id: str, status: str) -> str: ...
+    def metrics(self) -> dict[str, Any]: ...
+    @property
+    def tokens(self) -> Any: ...
 
 
 def _error(status: int, code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -57,15 +69,20 @@ def _error(status: int, code: int, message: str, headers: Mapping[str, str] | No
 
 
 class _BadRequest(Exception):
-    pass
+    status = 400
+
+
+class _TooLarge(_BadRequest):
+    status = 413
 
 
 class BearerAuth:
-    """Pure ASGI middleware: refuse any HTTP request without the operator token (constant-time comparison)."""
+    """Pure ASGI middleware: refuse any HTTP request without a valid operator token; record the token's scopes for
+    the routes, which check the one they need."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, authenticate: Authenticator) -> None:
         self.app = app
-        self._expected = b"bearer " + token.encode("utf-8")
+        self._authenticate = authenticate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -75,16 +92,83 @@ class BearerAuth:
                     given = value
                     break
             # The scheme is case-insensitive (RFC 7235), the token is not.
-            candidate = given[:7].lower() + given[7:]
-            if not hmac.compare_digest(candidate, self._expected):
+            found = None
+            if given[:7].lower() == b"bearer ":
+                try:
+                    found = self._authenticate(given[7:].decode("utf-8").strip())
+                except UnicodeDecodeError:
+                    found = None
+            if found is None:
                 log_event(_log, logging.WARNING, "api.unauthorized", peer=peer_name(scope.get("client")),
-                          path=scope.get("path"), reason="bad token" if given else "no Authorization header")
+                          path=scope.get("path"), reason="bad or revoked token" if given else
+                          "no Authorization header")
                 reply = _error(401, UNAUTHORIZED, "unauthorized: send 'Authorization: Bearer <operator token>' "
                                "(the token is in STATE_DIR/operator-token)" if not given else
-                               "unauthorized: wrong operator token", headers={"WWW-Authenticate": "Bearer"})
+                               "unauthorized: unknown or revoked operator token",
+                               headers={"WWW-Authenticate": "Bearer"})
                 await reply(scope, receive, send)
                 return
+            scope[_TOKEN_ID_KEY], scope[_SCOPES_KEY] = found
         await self.app(scope, receive, send)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def requires(needed: str, handler: Handler) -> Handler:
+    """Wrap a route so that it answers 403 (naming the missing scope) unless the token has `needed`."""
+
+    async def checked(request: Request) -> Response:
+        granted = request.scope.get(_SCOPES_KEY, ())
+        if not scope_allows(granted, needed):
+            log_event(_log, logging.WARNING, "api.forbidden", peer=peer_name(request.scope.get("client")),
+                      path=request.url.path, token_id=request.scope.get(_TOKEN_ID_KEY), needed=needed,
+                      granted=",".join(granted))
+            return _error(403, UNAUTHORIZED, f"forbidden: {request.method} {request.url.path} needs the "
+                          f"'{needed}' scope; this token has {', '.join(granted) or 'none'}")
+        return await handler(request)
+
+    return checked
+
+
+async def _read_json(request: Request, max_body_bytes: int) -> Any:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body_bytes:
+            raise _TooLarge(f"the request body is over {max_body_bytes} bytes")
+    if not body:
+        return {}
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise _BadRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def parse_token_request(data: Any) -> dict[str, Any]:
+    """Validate a `POST /api/v1/tokens` body into keyword arguments of `TokenStore.create_enroll_token`."""
+    if not isinstance(data, dict):
+        raise _BadRequest("the request body must be a JSON object")
+    unknown = sorted(set(data) - TOKEN_FIELDS)
+    if unknown:
+        raise _BadRequest(f"unknown field '{unknown[0]}' (expected uses, expires, labels, approve)")
+    uses = data.get("uses")
+    if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool) or not 1 <= uses <= 1 << 31):
+        raise _BadRequest("'uses' must be a positive integer")
+    expires = data.get("expires")
+    expires_s: int | None = None
+    if expires is not None:
+        try:
+            expires_s = parse_duration(str(expires)) if not isinstance(expires, bool) else parse_duration("")
+        except TokenFormatError as exc:
+            raise _BadRequest(f"'expires': {exc}") from None
+    labels = data.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise _BadRequest("'labels' must be an object of strings")
+    approve = data.get("approve", False)
+    if not isinstance(approve, bool):
+        raise _BadRequest("'approve' must be true or false")
+    return {"uses": uses, "expires_s": expires_s, "labels": labels, "approve": approve}
 
 
 def parse_call(data: Any) -> tuple[str, str, dict[str, Any], float]:
@@ -112,7 +196,7 @@ def parse_call(data: Any) -> tuple[str, str, dict[str, Any], float]:
     return target, method, params, float(timeout)
 
 
-def create_app(backend: ApiBackend, operator_token: str, *, max_body_bytes: int = 1 << 20) -> Starlette:
+def create_app(backend: ApiBackend, authenticate: Authenticator, *, max_body_bytes: int = 1 << 20) -> Starlette:
     async def list_agents(request: Request) -> Response:
         return JSONResponse({"agents": backend.agents()})
 
@@ -124,15 +208,10 @@ def create_app(backend: ApiBackend, operator_token: str, *, max_body_bytes: int 
         return JSONResponse(record)
 
     async def call(request: Request) -> Response:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                return _error(413, INVALID_REQUEST, f"the request body is over {max_body_bytes} bytes")
         try:
-            data = json.loads(body)
-        except ValueError as exc:
-            return _error(400, INVALID_REQUEST, f"the request body is not valid JSON: {exc}")
+            data = await _read_json(request, max_body_bytes)
+        except _BadRequest as exc:
+            return _error(exc.status, INVALID_REQUEST, str(exc))
         try:
             target, method, params, timeout = parse_call(data)
         except _BadRequest as exc:
@@ -149,6 +228,68 @@ def create_app(backend: ApiBackend, operator_token: str, *, max_body_bytes: int 
         except ValueError as exc:  # e.g. NaN in the agent's result
             return JSONResponse({"error": {"code": INTERNAL_ERROR, "message": f"the result is not JSON: {exc}"}})
 
+    def status_route(status: str) -> Handler:
+        async def change(request: Request) -> Response:
+            ref = request.path_params["ref"]
+            try:
+                old = backend.set_agent_status(ref, status)
+            except KeyError:
+                return _error(404, AGENT_UNAVAILABLE, f"no agent with id or name {ref!r}")
+            except ValueError as exc:
+                return _error(409, INVALID_REQUEST, str(exc))
+            log_event(_log, logging.INFO, "api.agent_status", agent=ref, old=old, new=status,
+                      token_id=request.scope.get(_TOKEN_ID_KEY))
+            record = backend.agent(ref)
+            return JSONResponse({"agent_id": record["agent_id"] if record else ref, "old": old, "status": status})
+        return change
+
+    async def metrics(request: Request) -> Response:
+        return JSONResponse(backend.metrics())
+
+    async def create_token(request: Request) -> Response:
+        try:
+            kwargs = parse_token_request(await _read_json(request, max_body_bytes))
+        except _BadRequest as exc:
+            return _error(400, INVALID_PARAMS, str(exc))
+        token, token_id = backend.tokens.create_enroll_token(**kwargs)
+        return JSONResponse({"token": token, "token_id": token_id}, status_code=201)
+
+    async def list_tokens(request: Request) -> Response:
+        return JSONResponse({"tokens": backend.tokens.enroll_tokens()})
+
+    async def revoke_token(request: Request) -> Response:
+        if not backend.tokens.revoke_enroll_token(request.path_params["token_id"]):
+            return _error(404, INVALID_PARAMS, f"no enrollment token {request.path_params['token_id']!r}")
+        return JSONResponse({"revoked": request.path_params["token_id"]})
+
+    async def create_operator_token(request: Request) -> Response:
+        try:
+            data = await _read_json(request, max_body_bytes)
+            if not isinstance(data, dict) or set(data) - OPERATOR_TOKEN_FIELDS:
+                raise _BadRequest("the body must be {\"scopes\": [...], \"label\": \"...\"}")
+            scopes = data.get("scopes")
+            if (not isinstance(scopes, list) or not scopes
+                    or not all(isinstance(x, str) and x in SCOPES for x in scopes)):
+                raise _BadRequest(f"'scopes' must be a non-empty list of {', '.join(SCOPES)}")
+            label = data.get("label", "")
+            if not isinstance(label, str) or len(label) > 256:
+                raise _BadRequest("'label' must be a string of at most 256 characters")
+        except _BadRequest as exc:
+            return _error(400, INVALID_PARAMS, str(exc))
+        token, token_id = backend.tokens.create_operator_token(tuple(s for s in SCOPES if s in scopes), label)
+        return JSONResponse({"token": token, "token_id": token_id}, status_code=201)
+
+    async def list_operator_tokens(request: Request) -> Response:
+        return JSONResponse({"tokens": backend.tokens.operator_tokens()})
+
+    async def revoke_operator_token(request: Request) -> Response:
+        token_id = request.path_params["token_id"]
+        if token_id == request.scope.get(_TOKEN_ID_KEY):
+            return _error(409, INVALID_REQUEST, "refusing to revoke the token this request uses")
+        if not backend.tokens.revoke_operator_token(token_id):
+            return _error(404, INVALID_PARAMS, f"no operator token {token_id!r}")
+        return JSONResponse({"revoked": token_id})
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return _error(exc.status_code, INVALID_REQUEST, f"{request.method} {request.url.path}: {exc.detail}",
@@ -156,11 +297,22 @@ def create_app(backend: ApiBackend, operator_token: str, *, max_body_bytes: int 
 
     return Starlette(
         routes=[
-            Route("/api/v1/agents", list_agents, methods=["GET"]),
-            Route("/api/v1/agents/{ref}", get_agent, methods=["GET"]),
-            Route("/api/v1/call", call, methods=["POST"]),
+            Route("/api/v1/agents", requires("read", list_agents), methods=["GET"]),
+            Route("/api/v1/agents/{ref}", requires("read", get_agent), methods=["GET"]),
+            Route("/api/v1/agents/{ref}/approve", requires("admin", status_route("active")), methods=["POST"]),
+            Route("/api/v1/agents/{ref}/reject", requires("admin", status_route("rejected")), methods=["POST"]),
+            Route("/api/v1/agents/{ref}/revoke", requires("admin", status_route("revoked")), methods=["POST"]),
+            Route("/api/v1/call", requires("call", call), methods=["POST"]),
+            Route("/api/v1/metrics", requires("read", metrics), methods=["GET"]),
+            Route("/api/v1/tokens", requires("admin", create_token), methods=["POST"]),
+            Route("/api/v1/tokens", requires("admin", list_tokens), methods=["GET"]),
+            Route("/api/v1/tokens/{token_id}", requires("admin", revoke_token), methods=["DELETE"]),
+            Route("/api/v1/operator-tokens", requires("admin", create_operator_token), methods=["POST"]),
+            Route("/api/v1/operator-tokens", requires("admin", list_operator_tokens), methods=["GET"]),
+            Route("/api/v1/operator-tokens/{token_id}", requires("admin", revoke_operator_token),
+                  methods=["DELETE"]),
         ],
-        middleware=[Middleware(BearerAuth, token=operator_token)],
+        middleware=[Middleware(BearerAuth, authenticate=authenticate)],
         exception_handlers={HTTPException: http_error},
     )
 

@@ -13,6 +13,12 @@ DEFAULT_LISTEN = ("127.0.0.1", 7443)
 DEFAULT_API = ("127.0.0.1", 7480)
 DEFAULT_HEARTBEAT_INTERVAL = 30.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_CERT_DAYS = 30.0
+DEFAULT_MAX_IN_FLIGHT = 1024
+DEFAULT_RATE = 50.0
+DEFAULT_RATE_BURST = 200
+DEFAULT_MAX_CONNECTIONS = 10000
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -61,8 +67,16 @@ class EndpointConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-    # The agent token file; default STATE_DIR/agent-token (created on first run).
+    # The shared agent token (development only, off by default): agents without a certificate may say hello with
+    # it. The file defaults to STATE_DIR/agent-token (created on first run with allow_shared_token).
+    allow_shared_token: bool = False
     agent_token_file: Path | None = None
+    tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
+    cert_days: float = DEFAULT_CERT_DAYS  # lifetime of the client certificates the endpoint issues
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  # calls in flight to one agent
+    rate: float = DEFAULT_RATE  # requests per second one agent may make (beyond heartbeats)
+    rate_burst: int = DEFAULT_RATE_BURST
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open agent connections, handshakes included
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "api_port"):
@@ -72,10 +86,15 @@ class EndpointConfig:
         for name in ("listen_host", "api_host"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} must not be empty")
-        for name in ("heartbeat_interval", "handshake_timeout"):
+        for name in ("heartbeat_interval", "handshake_timeout", "tls_handshake_timeout", "cert_days", "rate"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 86400:
                 raise ConfigError(f"{name} must be a number of seconds in (0, 86400], got {value!r}")
+        for name, low, high in (("max_in_flight", 1, 1 << 20), ("rate_burst", 1, 1 << 20),
+                                ("max_connections", 1, 1 << 24)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError(f"{name} must be an integer from {low} to {high}, got {value!r}")
         if not isinstance(self.max_frame_bytes, int) or not 64 <= self.max_frame_bytes <= 1 << 30:
             raise ConfigError(f"max_frame_bytes must be an integer from 64 to 2**30, got {self.max_frame_bytes!r}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 from types import TracebackType
@@ -11,6 +12,7 @@ from typing import Any
 import pyagent
 from pyagent.endpoint._api import DEFAULT_CALL_TIMEOUT, ApiServer, create_app
 from pyagent.endpoint._config import EndpointConfig, format_address
+from pyagent.endpoint._enroll import Enroller, TokenStore
 from pyagent.endpoint._errors import EndpointError
 from pyagent.endpoint._log import log_event
 from pyagent.endpoint._net import dial_host
@@ -18,7 +20,7 @@ from pyagent.endpoint._registry import AgentRecord, Registry
 from pyagent.endpoint._server import AgentServer
 from pyagent.endpoint._session import SessionSettings
 from pyagent.endpoint._state import State, StatePaths, prepare_state, server_ssl_context, write_endpoint_json
-from pyagent.protocol import AGENT_UNAVAILABLE, INVALID_PARAMS, RemoteError
+from pyagent.protocol import AGENT_UNAVAILABLE, INVALID_PARAMS, UNAUTHORIZED, RemoteError
 
 _log = logging.getLogger("pyagent.endpoint")
 
@@ -39,6 +41,8 @@ class Endpoint:
         self._registry: Registry | None = None
         self._server: AgentServer | None = None
         self._api: ApiServer | None = None
+        self._tokens: TokenStore | None = None
+        self._enroller: Enroller | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
         self._closed = asyncio.Event()
         self._closing = False
@@ -54,8 +58,15 @@ class Endpoint:
             raise EndpointError("the endpoint is already started")
         config = self.config
         try:
-            self._state = state = prepare_state(config.state_dir, config.listen_host, config.agent_token_file)
+            self._state = state = prepare_state(config.state_dir, config.listen_host, config.agent_token_file,
+                                                allow_shared_token=config.allow_shared_token)
             self._registry = registry = Registry(state.paths.database)
+            self._tokens = tokens = TokenStore(registry.db)
+            # The token in STATE_DIR/operator-token is the administrator's (whoever can read the state directory).
+            tokens.ensure_operator_token(state.operator_token, "state-dir", ("admin",), "STATE_DIR/operator-token")
+            assert state.ca is not None
+            self._enroller = enroller = Enroller(registry, tokens, state.ca,
+                                                 dt.timedelta(days=config.cert_days))
             stale = registry.mark_all_disconnected()
             if stale:
                 log_event(_log, logging.INFO, "registry.reset", agents_marked_disconnected=stale)
@@ -64,11 +75,18 @@ class Endpoint:
                 heartbeat_interval=config.heartbeat_interval,
                 handshake_timeout=config.handshake_timeout,
                 max_frame_bytes=config.max_frame_bytes,
+                tls_handshake_timeout=config.tls_handshake_timeout,
+                max_in_flight=config.max_in_flight,
+                rate=config.rate,
+                rate_burst=config.rate_burst,
+                max_connections=config.max_connections,
             )
-            self._server = AgentServer(settings, registry, server_ssl_context(state.paths))
+            self._server = AgentServer(settings, registry, server_ssl_context(state.paths), self._on_enroll,
+                                       enroller.status)
             self.listen_port = await self._server.start(config.listen_host, config.listen_port)
             if config.api_enabled:
-                self._api = ApiServer(create_app(self, state.operator_token, max_body_bytes=config.max_frame_bytes))
+                self._api = ApiServer(create_app(self, tokens.authenticate_operator,
+                                                 max_body_bytes=config.max_frame_bytes))
                 self.api_port = await self._api.start(config.api_host, config.api_port)
             self._schedule_flush()
             write_endpoint_json(state.paths, {
@@ -77,6 +95,7 @@ class Endpoint:
                 "api": self.api_url,
                 "ca": str(state.paths.ca_cert),
                 "version": pyagent.__version__,
+                "shared_token": config.allow_shared_token,
             })
         except BaseException:
             await self.aclose()
@@ -150,6 +169,43 @@ class Endpoint:
         if self._api is None:
             return None
         return "http://" + format_address(dial_host(self.config.api_host), self.api_port)
+
+    # -- enrollment, tokens, approval and revocation ----------------------------------------------------------
+
+    @property
+    def tokens(self) -> TokenStore:
+        if self._tokens is None or self._closing:
+            raise EndpointError("the endpoint is not running")
+        return self._tokens
+
+    def _on_enroll(self, method: str, params: dict[str, Any], peer: str, cert_agent_id: str | None) -> dict[str, Any]:
+        if self._enroller is None:
+            raise RemoteError(UNAUTHORIZED, "unauthorized: the endpoint is not running")
+        if method == "enroll.request":
+            return self._enroller.request(params, peer)
+        assert cert_agent_id is not None
+        return self._enroller.renew(cert_agent_id, params, peer)
+
+    def set_agent_status(self, agent_id: str, status: str) -> str:
+        """approve (`active`), `rejected` or `revoked`; a revoked agent's live session is dropped at once.
+        Raises KeyError (unknown agent) or ValueError (not possible from its current status)."""
+        if self._enroller is None or self._closing:
+            raise EndpointError("the endpoint is not running")
+        record = self._require_registry().get_agent(agent_id)
+        if record is None:
+            raise KeyError(agent_id)
+        old = self._enroller.set_status(record["agent_id"], status)
+        if status == "revoked" and self._server is not None:
+            self._server.drop(record["agent_id"], f"unauthorized: agent {record['agent_id']} was revoked by an "
+                                                  "operator")
+        return old
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters of the agent server (refusals by reason, limits hit) and gauges."""
+        if self._server is None:
+            return {}
+        return {**self._server.counters, "connections_open": self._server.open_connections,
+                "sessions": self._server.connected}
 
     # -- agents and calls -------------------------------------------------------------------------------------
 

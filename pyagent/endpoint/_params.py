@@ -9,7 +9,7 @@ from pyagent.endpoint._registry import AgentInfo
 from pyagent.protocol import INVALID_PARAMS, ProtocolError
 
 HELLO_KEYS = frozenset({"agent_id", "name", "token", "host", "bundles", "features", "platform", "labels"})
-HELLO_REQUIRED = ("agent_id", "name", "token", "host")
+HELLO_REQUIRED = ("agent_id", "name", "host")  # token: only on the shared-token development path
 MAX_ID_CHARS = 256
 
 
@@ -43,7 +43,7 @@ def _string_map(value: Any, where: str, method: str) -> dict[str, str]:
 
 
 def parse_hello(params: dict[str, Any]) -> AgentInfo:
-    """The agent's description from `handshake.hello` params (the token is checked by the caller, first)."""
+    """The agent's description from `handshake.hello` params (credentials are checked by the caller, first)."""
     m = "handshake.hello"
     unknown = sorted(set(params) - HELLO_KEYS)
     if unknown:

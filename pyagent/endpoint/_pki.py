@@ -146,3 +146,77 @@ def load_key_pair(key_pem: bytes, cert_pem: bytes) -> KeyPair:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise TypeError(f"expected an EC private key, got {type(key).__name__}")
     return KeyPair(key, x509.load_pem_x509_certificate(cert_pem))
+
+
+# -- agent (client) certificates ------------------------------------------------------------------------------------
+
+CLIENT_DAYS = 30
+MAX_CSR_BYTES = 16 * 1024
+
+
+class CsrError(ValueError):
+    """A certificate signing request that cannot be used; the message says why."""
+
+
+def public_key_fingerprint(public: x509.Certificate | x509.CertificateSigningRequest) -> str:
+    """SHA-256 (hex) of the DER SubjectPublicKeyInfo: the identity of a key, whatever certificate carries it."""
+    der = public.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(der)
+    return digest.finalize().hex()
+
+
+def load_csr(pem: str) -> x509.CertificateSigningRequest:
+    """Parse and check an agent's CSR: PEM, a valid self-signature, an EC P-256/P-384 or Ed25519 or RSA >= 2048 key."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    if not isinstance(pem, str) or not pem.strip():
+        raise CsrError("'csr' must be a PEM certificate signing request")
+    if len(pem) > MAX_CSR_BYTES:
+        raise CsrError(f"'csr' is longer than {MAX_CSR_BYTES} bytes")
+    try:
+        csr = x509.load_pem_x509_csr(pem.encode("ascii", "strict"))
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise CsrError(f"'csr' is not a PEM certificate signing request: {exc}") from None
+    if not csr.is_signature_valid:
+        raise CsrError("'csr' has an invalid signature (it must be signed with the key it carries)")
+    key = csr.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in ("secp256r1", "secp384r1"):
+            raise CsrError(f"'csr' uses the curve {key.curve.name}; use P-256 or P-384")
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise CsrError(f"'csr' has a {key.key_size}-bit RSA key; at least 2048 bits are required")
+    elif not isinstance(key, ed25519.Ed25519PublicKey):
+        raise CsrError(f"'csr' has an unsupported key type {type(key).__name__}")
+    return csr
+
+
+def issue_client_cert(ca: KeyPair, csr: x509.CertificateSigningRequest, agent_id: str,
+                      lifetime: dt.timedelta) -> x509.Certificate:
+    """A client certificate for `agent_id` (subject CN) on the CSR's key. Only the key is taken from the CSR: the
+    endpoint alone decides the name, the lifetime and the extensions."""
+    now = _now()
+    public = csr.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pyagent agents"),
+            x509.NameAttribute(NameOID.COMMON_NAME, agent_id),
+        ]))
+        .issuer_name(ca.cert.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"urn:pyagent:agent:{agent_id}")]),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )

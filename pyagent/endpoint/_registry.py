@@ -16,7 +16,7 @@ from typing import Any, TypedDict
 
 from pyagent.endpoint._errors import StateError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -39,8 +39,39 @@ CREATE TABLE IF NOT EXISTS agents (
 CREATE INDEX IF NOT EXISTS agents_name ON agents(name);
 """
 
+# Version 2: enrollment (agents get a status and the certificate they were issued) and hashed tokens.
+_AGENT_COLUMNS_V2 = (
+    ("status", "TEXT NOT NULL DEFAULT 'active'"),  # pending | active | rejected | revoked
+    ("pubkey_fp", "TEXT"),                         # SHA-256 of the enrolled public key (DER SubjectPublicKeyInfo)
+    ("token_id", "TEXT"),                          # the enrollment token used
+    ("cert_serial", "TEXT"),                       # the last certificate issued, hex
+    ("cert_not_after", "INTEGER"),                 # ms since the epoch
+)
+_SCHEMA_V2 = """
+CREATE UNIQUE INDEX IF NOT EXISTS agents_pubkey ON agents(pubkey_fp) WHERE pubkey_fp IS NOT NULL;
+CREATE TABLE IF NOT EXISTS enroll_tokens (
+    token_id    TEXT PRIMARY KEY,
+    hash        TEXT NOT NULL UNIQUE,
+    labels      TEXT NOT NULL DEFAULT '{}',
+    max_uses    INTEGER,
+    uses        INTEGER NOT NULL DEFAULT 0,
+    expires_at  INTEGER,
+    approve     INTEGER NOT NULL DEFAULT 0,
+    revoked     INTEGER NOT NULL DEFAULT 0,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS operator_tokens (
+    token_id    TEXT PRIMARY KEY,
+    hash        TEXT NOT NULL UNIQUE,
+    scopes      TEXT NOT NULL,
+    label       TEXT NOT NULL DEFAULT '',
+    revoked     INTEGER NOT NULL DEFAULT 0,
+    created_at  INTEGER NOT NULL
+);
+"""
+
 _COLUMNS = ("agent_id, name, connected, host_version, python_version, bundles, labels, platform, features, "
-            "first_seen, last_seen, latency_ms, skew_ms, py_lag_ms, peer")
+            "first_seen, last_seen, latency_ms, skew_ms, py_lag_ms, peer, status, cert_not_after")
 
 
 class AgentRecord(TypedDict):
@@ -61,6 +92,8 @@ class AgentRecord(TypedDict):
     skew_ms: float | None
     py_lag_ms: float | None
     peer: str | None
+    status: str
+    cert_not_after: int | None
 
 
 @dataclass(frozen=True)
@@ -82,7 +115,7 @@ def _record(row: tuple[Any, ...]) -> AgentRecord:
         agent_id=row[0], name=row[1], connected=bool(row[2]), host_version=row[3], python_version=row[4],
         bundles=json.loads(row[5]), labels=json.loads(row[6]), platform=json.loads(row[7]),
         features=json.loads(row[8]), first_seen=row[9], last_seen=row[10], latency_ms=row[11], skew_ms=row[12],
-        py_lag_ms=row[13], peer=row[14],
+        py_lag_ms=row[13], peer=row[14], status=row[15], cert_not_after=row[16],
     )
 
 
@@ -103,6 +136,11 @@ class Registry:
                 raise StateError(f"the registry {path} has schema version {version}, newer than this endpoint "
                                  f"({SCHEMA_VERSION}); upgrade pyagent")
             self._db.executescript(_SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(agents)")}
+            for column, decl in _AGENT_COLUMNS_V2:
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE agents ADD COLUMN {column} {decl}")
+            self._db.executescript(_SCHEMA_V2)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             self._db.close()
@@ -112,6 +150,11 @@ class Registry:
             raise
         # agent_id -> (last_seen, latency_ms, skew_ms, py_lag_ms), written by flush().
         self._heartbeats: dict[str, tuple[int, float | None, float | None, float | None]] = {}
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, for the enrollment and token stores that share this database."""
+        return self._db
 
     def close(self) -> None:
         self.flush()

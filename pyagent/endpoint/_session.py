@@ -20,7 +20,9 @@ from pyagent.endpoint._net import peer_name
 from pyagent.endpoint._params import Heartbeat, parse_heartbeat, parse_hello
 from pyagent.endpoint._registry import AgentInfo
 from pyagent.protocol import (
+    ENROLLMENT_PENDING,
     AGENT_UNAVAILABLE,
+    RATE_LIMITED,
     FRAME_TOO_LARGE,
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -44,10 +46,16 @@ _READ_SIZE = 256 * 1024
 
 @dataclass(frozen=True)
 class SessionSettings:
-    agent_token: bytes
+    agent_token: bytes  # empty: the shared-token development path is off (the default)
     heartbeat_interval: float
     handshake_timeout: float
     max_frame_bytes: int
+    tls_handshake_timeout: float = 10.0
+    max_in_flight: int = 1024
+    rate: float = 50.0  # requests per second from one agent (token bucket refill)
+    rate_burst: int = 200
+    max_connections: int = 10000
+    max_enroll_requests: int = 4  # per connection, before the hello
 
     @property
     def idle_timeout(self) -> float:
@@ -68,6 +76,10 @@ class SessionOwner(Protocol):
     def on_hello(self, session: AgentSession, info: AgentInfo) -> None: ...
     def on_heartbeat(self, session: AgentSession, heartbeat: Heartbeat, now_ms: int) -> None: ...
     def on_closed(self, session: AgentSession, reason: str) -> None: ...
+    def agent_status(self, agent_id: str) -> str | None: ...
+    def enroll(self, session: AgentSession, method: str, params: dict[str, Any]) -> dict[str, Any]: ...
+    def allow_request(self, session: AgentSession) -> float: ...
+    def count(self, counter: str) -> None: ...
 
 
 def now_ms() -> int:
@@ -82,8 +94,12 @@ def _expire(fut: asyncio.Future[Any], timeout: float) -> None:
 class AgentSession:
     """A TLS connection from one agent. `run()` serves it until it closes; `call()` sends a `bundle.call`."""
 
-    def __init__(self, owner: SessionOwner, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, owner: SessionOwner, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 cert_agent_id: str | None = None) -> None:
         self._owner = owner
+        # The agent id the client certificate names (mutual TLS), or None for a connection without one (enrollment).
+        self.cert_agent_id = cert_agent_id
+        self._enroll_requests = 0
         self._settings = owner.settings
         self._reader = reader
         self._writer = writer
@@ -173,6 +189,7 @@ class AgentSession:
         now = self._loop.time()
         if self.agent_id is None:
             if now >= self._deadline:
+                self._owner.count("handshake_timeout")
                 log_event(_log, logging.WARNING, "handshake.timeout", peer=self.peer,
                           timeout=self._settings.handshake_timeout)
                 self.close("no handshake.hello in time")
@@ -205,6 +222,7 @@ class AgentSession:
                     return self._close_reason
             if splitter.overflow:
                 limit = splitter.limit
+                self._owner.count("frame_too_large")
                 self._refuse(FRAME_TOO_LARGE, f"frame too large: over the limit of {limit} bytes", {"limit": limit})
         return self._close_reason
 
@@ -251,7 +269,9 @@ class AgentSession:
         msg_id: int | None = msg.get("id")
         params: dict[str, Any] = msg.get("params") or {}
         if self.agent_id is None:
-            if method != "handshake.hello":
+            if method == "enroll.request" and msg_id is not None:
+                self._on_enroll(msg_id, method, params)
+            elif method != "handshake.hello":
                 self._refuse(INVALID_REQUEST, f"handshake required: got {method!r} before handshake.hello",
                              msg_id=msg_id, event="handshake.refused")
             elif msg_id is None:
@@ -262,22 +282,78 @@ class AgentSession:
             return
         if method == "heartbeat.post":
             self._on_heartbeat(msg_id, params)
-        elif msg_id is None:
+            return
+        retry_after = self._owner.allow_request(self)
+        if retry_after > 0:
+            self._owner.count("rate_limited")
+            if msg_id is not None:
+                self._send(error_response(msg_id, RATE_LIMITED, f"rate limited: too many requests from agent "
+                                          f"{self.agent_id}; retry after {retry_after:.3g} s",
+                                          {"retry_after": round(retry_after, 3)}))
+            return
+        if msg_id is None:
             log_event(_log, logging.DEBUG, "notification.ignored", agent=self.agent_id, method=method)
         elif method == "handshake.hello":
             self._send(error_response(msg_id, INVALID_REQUEST, "handshake already done on this connection"))
+        elif method == "enroll.renew":
+            if self.cert_agent_id is None:
+                self._send(error_response(msg_id, UNAUTHORIZED, "unauthorized: enroll.renew needs a session "
+                                          "authenticated with the agent's certificate"))
+            else:
+                self._on_enroll(msg_id, method, params)
         else:
             self._send(error_response(msg_id, METHOD_NOT_FOUND, f"method not found: the endpoint has no {method!r}"))
 
-    def _on_hello(self, msg_id: int, params: dict[str, Any]) -> None:
+    def _on_enroll(self, msg_id: int, method: str, params: dict[str, Any]) -> None:
+        self._enroll_requests += 1
+        if self.agent_id is None and self._enroll_requests > self._settings.max_enroll_requests:
+            self._refuse(RATE_LIMITED, f"rate limited: more than {self._settings.max_enroll_requests} enrollment "
+                         "requests on one connection", {"retry_after": 5}, msg_id=msg_id, event="enroll.refused")
+            return
+        try:
+            result = self._owner.enroll(self, method, params)
+        except RemoteError as exc:
+            self._owner.count("enroll_refused")
+            level = logging.INFO if exc.code == ENROLLMENT_PENDING else logging.WARNING
+            log_event(_log, level, "enroll.refused", peer=self.peer, agent=self.agent_id, method=method,
+                      code=exc.code, reason=exc.message)
+            self._send(error_response(msg_id, exc.code, exc.message, exc.data))
+            return
+        self._send(response(msg_id, result))
+
+    def _authenticate(self, params: dict[str, Any]) -> str | None:
+        """Why this hello is refused (unauthorized), or None. Identity comes from the client certificate."""
+        claimed = params.get("agent_id")
+        if self.cert_agent_id is not None:
+            if claimed != self.cert_agent_id:
+                return (f"unauthorized: the client certificate is for agent {self.cert_agent_id} but the hello "
+                        f"claims agent_id {claimed!r}")
+            # The CA signature proves an endpoint of this deployment enrolled the agent; the registry keeps what
+            # operators decided since (an agent unknown here enrolled with another endpoint sharing the CA).
+            status = self._owner.agent_status(self.cert_agent_id)
+            if status not in (None, "active"):
+                return f"unauthorized: agent {self.cert_agent_id} is {status}"
+            return None
+        if not self._settings.agent_token:
+            return ("unauthorized: no client certificate; this endpoint accepts only enrolled agents (mutual TLS): "
+                    "give the agent an enrollment token (`pyagent token create`)")
         token = params.get("token")
         if not isinstance(token, str) or not hmac.compare_digest(token.encode("utf-8"), self._settings.agent_token):
-            self._refuse(UNAUTHORIZED, "unauthorized: bad or missing agent token" if token else
-                         "unauthorized: missing agent token", msg_id=msg_id, event="handshake.refused")
+            return "unauthorized: bad or missing agent token" if token else "unauthorized: missing agent token"
+        if isinstance(claimed, str) and self._owner.agent_status(claimed) in ("revoked", "rejected", "pending"):
+            return f"unauthorized: agent {claimed} is {self._owner.agent_status(claimed)}"
+        return None
+
+    def _on_hello(self, msg_id: int, params: dict[str, Any]) -> None:
+        problem = self._authenticate(params)
+        if problem is not None:
+            self._owner.count("handshake_refused")
+            self._refuse(UNAUTHORIZED, problem, msg_id=msg_id, event="handshake.refused")
             return
         try:
             info = parse_hello(params)
         except ProtocolError as exc:
+            self._owner.count("handshake_refused")
             self._refuse(exc.code, exc.message, exc.data, msg_id=msg_id, event="handshake.refused")
             return
         self.agent_id = info.agent_id
@@ -318,6 +394,10 @@ class AgentSession:
         if outbox and not self._closing:
             self._transport.write(b"".join(outbox))
 
+    def refuse(self, code: int, message: str, event: str) -> None:
+        """Tell the agent why the endpoint is closing its session (e.g. it was revoked), then close."""
+        self._refuse(code, message, event=event)
+
     def _refuse(self, code: int, message: str, data: Any = None, *, msg_id: int | None = None,
                 event: str = "frame.refused") -> None:
         """Answer a violation with one error response, log it, close the connection."""
@@ -329,6 +409,11 @@ class AgentSession:
         """Send `bundle.call` and wait for the reply; raises RemoteError (the agent's, or timeout/unavailable)."""
         if self._closing:
             raise RemoteError(AGENT_UNAVAILABLE, f"agent {self.agent_id} is not connected")
+        limit_calls = self._settings.max_in_flight
+        if len(self._pending) >= limit_calls:
+            self._owner.count("in_flight_refused")
+            raise RemoteError(RATE_LIMITED, f"rate limited: {limit_calls} calls already in flight to agent "
+                              f"{self.agent_id}", {"retry_after": 1})
         msg_id = self._next_id
         self._next_id = msg_id + 1
         try:

@@ -68,6 +68,7 @@ class State:
     agent_token: str
     operator_token: str
     created: frozenset[str]  # what this run created: "state_dir", "ca", "server_cert", "agent_token", ...
+    ca: _pki.KeyPair | None = None
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -167,29 +168,41 @@ def _ensure_token(path: Path, created: set[str], key: str, *, create: bool = Tru
     return token
 
 
-def prepare_state(root: Path, listen_host: str, agent_token_file: Path | None = None) -> State:
-    """Create what is missing in the state directory and load the rest."""
+def prepare_state(root: Path, listen_host: str, agent_token_file: Path | None = None, *,
+                  allow_shared_token: bool = False) -> State:
+    """Create what is missing in the state directory and load the rest. The shared agent token (a development
+    option) is only created and read when `allow_shared_token` is set; otherwise `State.agent_token` is empty."""
     created: set[str] = set()
     root = root.expanduser().absolute()
     paths = StatePaths(root)
     _ensure_dir(root, created)
     ca = _ensure_ca(paths, created)
     _ensure_server_cert(paths, ca, listen_host, created)
-    if agent_token_file is None:
+    if not allow_shared_token:
+        token_file = agent_token_file.expanduser().absolute() if agent_token_file else paths.agent_token
+        agent_token = ""
+    elif agent_token_file is None:
         token_file = paths.agent_token
         agent_token = _ensure_token(token_file, created, "agent_token")
     else:
         token_file = agent_token_file.expanduser().absolute()
         agent_token = _ensure_token(token_file, created, "agent_token", create=False)
     operator_token = _ensure_token(paths.operator_token, created, "operator_token")
-    return State(paths, token_file, agent_token, operator_token, frozenset(created))
+    return State(paths, token_file, agent_token, operator_token, frozenset(created), ca)
 
 
 def server_ssl_context(paths: StatePaths) -> ssl.SSLContext:
-    """TLS 1.2 minimum (1.3 preferred by OpenSSL), the server certificate, no client certificates yet."""
+    """TLS 1.2 minimum (1.3 preferred by OpenSSL), the server certificate, and client certificates verified against
+    the endpoint CA when presented (mutual TLS). A client without one may only enroll (the session checks that); a
+    client with an invalid one (expired, another CA) fails the TLS handshake."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    try:
+        ctx.load_verify_locations(cafile=str(paths.ca_cert))
+    except (OSError, ssl.SSLError) as exc:
+        raise StateError(f"cannot load the CA {paths.ca_cert}: {exc}") from exc
     try:
         ctx.load_cert_chain(paths.server_cert, paths.server_key)
     except (OSError, ssl.SSLError) as exc:

@@ -47,6 +47,7 @@ TEST_DECLARE(tls_wrong_ip_address)
 TEST_DECLARE(tls_old_protocol_refused)
 TEST_DECLARE(tls_ctx_missing_ca_file)
 TEST_DECLARE(tls_ctx_bad_client_key)
+TEST_DECLARE(tls_client_cert_reloaded_per_session)
 
 TEST_DECLARE(bridge_put_take_py)
 TEST_DECLARE(bridge_put_take_c)
@@ -119,6 +120,7 @@ TASK_LIST_START
   TEST_ENTRY(tls_old_protocol_refused)
   TEST_ENTRY(tls_ctx_missing_ca_file)
   TEST_ENTRY(tls_ctx_bad_client_key)
+  TEST_ENTRY(tls_client_cert_reloaded_per_session)
 
   TEST_ENTRY(bridge_put_take_py)
   TEST_ENTRY(bridge_put_take_c)

@@ -488,7 +488,8 @@ TEST_IMPL(tls_ctx_bad_client_key) {
   ASSERT_EQ(pa_tls_ctx_init(&ctx, cert_path("ca.pem"), cert_path("server.pem"), cert_path("other-ca.key"), err,
                             sizeof err),
             PA_TLS_EFAIL);
-  ASSERT_STR_CONTAINS(err, "client certificate or key");
+  ASSERT_STR_CONTAINS(err, "cannot load the client certificate");
+  ASSERT_STR_CONTAINS(err, "key values mismatch");
   ASSERT_NULL(ctx.ctx);
   /* The matching pair loads. */
   if (pa_tls_ctx_init(&ctx, cert_path("ca.pem"), cert_path("server.pem"), cert_path("server.key"), err, sizeof err))
@@ -496,5 +497,52 @@ TEST_IMPL(tls_ctx_bad_client_key) {
   ASSERT_NOT_NULL(ctx.ctx);
   pa_tls_ctx_free(&ctx);
   ASSERT_NULL(ctx.ctx);
+  return 0;
+}
+
+/* The client certificate is read again for every session: a renewed certificate on disk is used by the next
+ * connection, and one that disappeared fails that session (with the file named), not the process. */
+static void copy_file(const char *from, const char *to) {
+  FILE *in = fopen(from, "rb"), *out = fopen(to, "wb");
+  ASSERT_NOT_NULL(in);
+  ASSERT_NOT_NULL(out);
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, in)) > 0) ASSERT_EQ(fwrite(buf, 1, n, out), n);
+  fclose(in);
+  fclose(out);
+}
+
+TEST_IMPL(tls_client_cert_reloaded_per_session) {
+  char crt[1100], key[1100];
+  snprintf(crt, sizeof crt, "%s.reload.crt", cert_path("server.pem"));
+  snprintf(key, sizeof key, "%s.reload.key", cert_path("server.key"));
+  copy_file(cert_path("server.pem"), crt);
+  copy_file(cert_path("server.key"), key);
+  pa_tls_ctx_t ctx;
+  char err[512] = "";
+  if (pa_tls_ctx_init(&ctx, cert_path("ca.pem"), crt, key, err, sizeof err)) ASSERT_FAILED("ctx: %s", err);
+  pa_tls_t t;
+  ASSERT_EQ(pa_tls_init(&t, &ctx, "localhost"), 0);
+  pa_tls_free(&t);
+  /* A key that does not match the certificate any more: this session fails, naming the files. */
+  copy_file(cert_path("other-ca.key"), key);
+  ASSERT_EQ(pa_tls_init(&t, &ctx, "localhost"), PA_TLS_EFAIL);
+  ASSERT_STR_CONTAINS(pa_tls_error(&t), "cannot load the client certificate");
+  ASSERT_STR_CONTAINS(pa_tls_error(&t), ".reload.key");
+  ASSERT_NULL(t.ssl);
+  pa_tls_free(&t);
+  /* Files gone: the same. */
+  remove(crt);
+  ASSERT_EQ(pa_tls_init(&t, &ctx, "localhost"), PA_TLS_EFAIL);
+  pa_tls_free(&t);
+  /* The renewed pair is back: the next session loads it. */
+  copy_file(cert_path("server.pem"), crt);
+  copy_file(cert_path("server.key"), key);
+  ASSERT_EQ(pa_tls_init(&t, &ctx, "localhost"), 0);
+  pa_tls_free(&t);
+  pa_tls_ctx_free(&ctx);
+  remove(crt);
+  remove(key);
   return 0;
 }

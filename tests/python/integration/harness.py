@@ -50,8 +50,11 @@ def host_binary() -> str:
 class EndpointProc:
     """`pyagent endpoint serve` in a subprocess."""
 
-    def __init__(self, state_dir: Path, heartbeat_interval: float = 1.0, listen: str = "127.0.0.1:0") -> None:
+    def __init__(self, state_dir: Path, heartbeat_interval: float = 1.0, listen: str = "127.0.0.1:0",
+                 extra_args: list[str] | None = None) -> None:
         self.state_dir = state_dir
+        self.extra_args = list(extra_args or [])
+        self._enroll_token: str | None = None
         self.heartbeat_interval = heartbeat_interval
         self.listen_arg = listen
         self.proc: subprocess.Popen[bytes] | None = None
@@ -67,7 +70,7 @@ class EndpointProc:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pyagent.cli", "endpoint", "serve", "--state-dir", str(self.state_dir),
              "--listen", listen or self.listen_arg, "--api", "127.0.0.1:0",
-             "--heartbeat-interval", str(self.heartbeat_interval)],
+             "--heartbeat-interval", str(self.heartbeat_interval), *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
 
@@ -97,7 +100,16 @@ class EndpointProc:
 
     @property
     def agent_token(self) -> str:
-        return (self.state_dir / "agent-token").read_text().strip()
+        """An enrollment token (unlimited uses) for agents of this endpoint, created on first use."""
+        if self._enroll_token is None:
+            self._enroll_token = self.create_token()
+        return self._enroll_token
+
+    def create_token(self, **body: Any) -> str:
+        """`POST /api/v1/tokens`: a new enrollment token (body: uses, expires, labels, approve)."""
+        status, reply = self.api("POST", "/api/v1/tokens", body)
+        assert status == 201, reply
+        return str(reply["token"])
 
     @property
     def operator_token(self) -> str:
@@ -183,11 +195,14 @@ class AgentProc:
     def agent_id(self) -> str:
         return (self.workdir / "state" / "agent-id").read_text().strip()
 
-    def start(self) -> "AgentProc":
+    def start(self, wait: bool = True) -> "AgentProc":
+        """Start the host; with `wait`, until it knows its agent id (enrolled, or pending approval)."""
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([host_binary(), "--foreground", "--config", str(self.config)],
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
+        if not wait:
+            return self
         wait_for(lambda: (self.workdir / "state" / "agent-id").exists() or self._died(), 20, "the agent to start")
         return self
 

@@ -82,20 +82,22 @@ def test_worker_stays_lean(endpoint: EndpointProc, agent: AgentProc) -> None:
 def test_wrong_ca_refused(tmp_path: Path, endpoint: EndpointProc, make_agent: Any) -> None:
     other = EndpointProc(tmp_path / "other").start()  # only for its unrelated CA
     other.stop()
-    a: AgentProc = make_agent(tmp_path / "a", [endpoint], other.ca, endpoint.agent_token).start()
-    a.wait_log("certificate verify failed")
+    a: AgentProc = make_agent(tmp_path / "a", [endpoint], other.ca, endpoint.agent_token).start(wait=False)
+    a.wait_log("certificate verify failed")  # enrollment cannot even start: the endpoint is not trusted
     time.sleep(0.5)
     assert a.alive()
-    assert endpoint.agent(a.agent_id) is None
+    assert endpoint.agents() == []
+    assert not (a.workdir / "state" / "agent.crt").exists()
     assert "session.up" not in a.log()
 
 
 def test_bad_token_refused(tmp_path: Path, endpoint: EndpointProc, make_agent: Any) -> None:
-    a: AgentProc = make_agent(tmp_path / "a", [endpoint], endpoint.ca, "not-the-token").start()
-    log = a.wait_log("handshake refused")
-    assert "-32000" in log
-    assert a.alive()
-    assert endpoint.agent(a.agent_id) is None or not endpoint.agent(a.agent_id)["connected"]  # type: ignore[index]
+    a: AgentProc = make_agent(tmp_path / "a", [endpoint], endpoint.ca, "not-the-token").start(wait=False)
+    assert a.proc is not None
+    assert a.proc.wait(20) == 3  # enrollment refused: a clear exit, not a crash
+    assert "enrollment refused by the endpoint (code -32000): unauthorized: unknown enrollment token" in a.log()
+    assert "event=enroll.refused" in endpoint.log() and "unknown enrollment token" in endpoint.log()
+    assert endpoint.agents() == []
 
 
 def test_sigterm_exits_cleanly(endpoint: EndpointProc, agent: AgentProc) -> None:
@@ -120,10 +122,11 @@ def test_endpoint_restart_reconnects(tmp_path: Path, endpoint: EndpointProc, age
 
 
 def test_two_endpoints_one_killed(tmp_path: Path, endpoint: EndpointProc, make_agent: Any) -> None:
-    # A second endpoint of the same deployment: same CA, server certificate and agent token.
+    # A second endpoint of the same deployment: same CA and server certificate.
     second_dir = tmp_path / "endpoint2"
     second_dir.mkdir()
-    for name in ("ca.pem", "ca.key", "server.pem", "server.key", "agent-token", "operator-token"):
+    # The agent enrolls with the first; the second trusts its certificate through the shared CA.
+    for name in ("ca.pem", "ca.key", "server.pem", "server.key", "operator-token"):
         shutil.copy2(endpoint.state_dir / name, second_dir / name)
     second = EndpointProc(second_dir, heartbeat_interval=0.5).start()
     try:
@@ -213,7 +216,7 @@ def test_host_refuses_bad_frames(tmp_path: Path, endpoint: EndpointProc, make_ag
     fake = FakeEndpoint(endpoint.state_dir / "server.pem", endpoint.state_dir / "server.key",
                         [misbehave, behave]).start()
     try:
-        a: AgentProc = make_agent(tmp_path / "a", [fake.listen], endpoint.ca, "t").start()
+        a: AgentProc = make_agent(tmp_path / "a", [fake.listen], endpoint.ca, "t", extra='auth = "shared-token"').start()
         wait_for(lambda: len(answers) >= 2, 20, "a refusal, then a call answered on the next session")
         refusal, reply = answers[0], answers[1]
         assert refusal["id"] is None and refusal["error"]["code"] == code, refusal
@@ -238,7 +241,7 @@ def test_host_drops_silent_endpoint(tmp_path: Path, endpoint: EndpointProc, make
     fake = FakeEndpoint(endpoint.state_dir / "server.pem", endpoint.state_dir / "server.key",
                         [go_silent, behave], heartbeat_interval=0.4).start()
     try:
-        a: AgentProc = make_agent(tmp_path / "a", [fake.listen], endpoint.ca, "t").start()
+        a: AgentProc = make_agent(tmp_path / "a", [fake.listen], endpoint.ca, "t", extra='auth = "shared-token"').start()
         log = a.wait_log("idle timeout")
         wait_for(lambda: len(fake.sessions) >= 2, 10, "the agent to reconnect after the idle timeout")
         assert "limit 600 ms" in log

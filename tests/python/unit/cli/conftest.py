@@ -21,8 +21,9 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[ServeProc]:
-    """A running `pyagent endpoint serve` subprocess, stopped by PID afterwards."""
-    proc = ServeProc(tmp_path / "state").start()
+    """A running `pyagent endpoint serve` subprocess, stopped by PID afterwards. The shared token is on: these tests
+    drive the CLI with a fake agent that says hello with it (enrollment has its own tests)."""
+    proc = ServeProc(tmp_path / "state", "--allow-shared-token").start()
     try:
         yield proc
     finally:

@@ -1,6 +1,7 @@
 """A stand-in for `pyagent-host --foreground --config agent.toml`, for testing `pyagent demo` without the C host.
 
-It reads the agent config, dials the first endpoint over TLS (pinned CA), says hello with the configured bundles,
+It reads the agent config, enrolls (pyagent.runtime.enroll, in-process), dials the first endpoint over mutual TLS
+(pinned CA, its client certificate), says hello with the configured bundles,
 answers hello.greet, sends heartbeats every heartbeat_interval with the measured round trip, and exits 0 on SIGTERM.
 FAKE_HOST_MODE=crash makes it fail at once with a message on stderr; FAKE_HOST_MODE=hang ignores SIGTERM.
 """
@@ -13,7 +14,6 @@ import signal
 import sys
 import time
 import tomllib
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "endpoint"))
@@ -26,9 +26,6 @@ async def run(config_path: Path) -> int:
     state_dir = Path(config["state_dir"])
     state_dir.mkdir(parents=True, exist_ok=True)
     id_file = state_dir / "agent-id"
-    if not id_file.exists():
-        id_file.write_text(uuid.uuid4().hex + "\n")
-    agent_id = id_file.read_text().strip()
     host, _, port = config["endpoints"][0].rpartition(":")
 
     loop = asyncio.get_running_loop()
@@ -38,10 +35,20 @@ async def run(config_path: Path) -> int:
     else:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
 
-    agent = await FakeAgent.connect(host, int(port), config["ca"], on_call=greet)
+    # Enroll as the real host does (key made here, CSR + token over TLS), then connect with mutual TLS.
+    from pyagent.runtime import enroll
+
+    cert, key = state_dir / enroll.CERT_FILE, state_dir / enroll.KEY_FILE
+    if not cert.exists():
+        code = await asyncio.to_thread(enroll.main, ["--config", str(config_path)],
+                                       {**os.environ, enroll.TOKEN_ENV: config["token"]})
+        if code != 0:
+            return code
+    agent_id = id_file.read_text().strip()
+    agent = await FakeAgent.connect(host, int(port), config["ca"], on_call=greet, cert=cert, key=key)
     try:
         bundles = [{"name": Path(b).name, "version": "1.0.0", "agents": [Path(b).name]} for b in config["bundles"]]
-        reply = await agent.hello(config["token"], agent_id=agent_id, name=config["name"], bundles=bundles,
+        reply = await agent.hello(None, agent_id=agent_id, name=config["name"], bundles=bundles,
                                   host={"version": "0.0.0-fake", "python": sys.version.split()[0]})
         if "error" in reply:
             print(f"fake host: hello refused: {reply['error']}", file=sys.stderr)

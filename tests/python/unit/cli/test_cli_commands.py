@@ -35,7 +35,8 @@ def test_serve_first_and_second_run(tmp_path: Path) -> None:
         out = proc.stdout()
         state = tmp_path / "state"
         assert f"CA certificate: {state / 'ca.pem'} (new)" in out
-        assert f"agent token:    {state / 'agent-token'} (new)" in out
+        assert "agents enroll:  `pyagent token create`" in out  # no shared token unless asked for
+        assert not (state / "agent-token").exists()
         assert f"agents dial:    {proc.info['listen']} (TLS)" in out
         assert f"operator API:   {proc.info['api']}" in out
         assert proc.port > 0 and not proc.info["listen"].endswith(":0")
@@ -50,7 +51,7 @@ def test_serve_first_and_second_run(tmp_path: Path) -> None:
 
 
 async def test_sigterm_is_prompt_and_marks_agents_disconnected(tmp_path: Path) -> None:
-    proc = ServeProc(tmp_path / "state").start()
+    proc = ServeProc(tmp_path / "state", "--allow-shared-token").start()
     try:
         agent = await agent_for(proc)
         assert proc.proc is not None
@@ -87,7 +88,7 @@ async def test_agents_ls_and_show(serve: ServeProc) -> None:
         assert result.returncode == 0, result.stderr
         header, row = result.stdout.splitlines()
         assert header.startswith("ID") and "LATENCY" in header
-        assert row.split()[:6] == ["01234567", "web-1", "yes", "0.1.0-fake", "hello@0.1.0", "0.21"]
+        assert row.split()[:7] == ["01234567", "web-1", "active", "yes", "0.1.0-fake", "hello@0.1.0", "0.21"]
 
         for ref in ("web-1", "0123456789abcdef0123", "01234567"):
             result = await cli("agents", "show", ref, "--state-dir", serve.state_dir)

@@ -58,8 +58,8 @@ def test_human_formats() -> None:
                            "host_version": "0.1.0", "bundles": [{"name": "hello", "version": "1.0.0"}],
                            "latency_ms": 0.21, "last_seen": None}])
     header, row = table.splitlines()
-    assert header.split() == ["ID", "NAME", "CONNECTED", "HOST", "BUNDLES", "LATENCY", "LAST", "SEEN"]
-    assert row.split() == ["01234567", "web-1", "yes", "0.1.0", "hello@1.0.0", "0.21", "ms", "-"]
+    assert header.split() == ["ID", "NAME", "STATUS", "CONNECTED", "HOST", "BUNDLES", "LATENCY", "LAST", "SEEN"]
+    assert row.split() == ["01234567", "web-1", "active", "yes", "0.1.0", "hello@1.0.0", "0.21", "ms", "-"]
 
 
 def test_find_api_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,18 +38,23 @@ CallHandler = Callable[[str, str, dict[str, Any]], Any]
 
 
 def endpoint_config(state_dir: Path, **overrides: Any) -> EndpointConfig:
-    """An endpoint config for tests: loopback, port 0 for agents and the API."""
+    """An endpoint config for tests: loopback, port 0 for agents and the API. The shared agent token is on (these
+    tests exercise the protocol, not credentials); the security tests turn it off and enroll."""
     settings: dict[str, Any] = {"listen_host": "127.0.0.1", "listen_port": 0, "api_host": "127.0.0.1",
-                                "api_port": 0}
+                                "api_port": 0, "allow_shared_token": True}
     settings.update(overrides)
     return EndpointConfig(state_dir=Path(state_dir), **settings)
 
 
-def client_ssl_context(ca_file: Path | str) -> ssl.SSLContext:
-    """What an agent does: trust only the pinned CA file, check the host name or IP address."""
+def client_ssl_context(ca_file: Path | str, cert: Path | str | None = None,
+                       key: Path | str | None = None) -> ssl.SSLContext:
+    """What an agent does: trust only the pinned CA file, check the host name or IP address; with cert/key, present
+    a client certificate (mutual TLS)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_verify_locations(cafile=str(ca_file))
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
     return ctx
 
 
@@ -105,9 +110,10 @@ class FakeAgent:
 
     @classmethod
     async def connect(cls, host: str, port: int, ca_file: Path | str, *, server_hostname: str | None = None,
-                      on_call: CallHandler | None = None) -> FakeAgent:
+                      on_call: CallHandler | None = None, cert: Path | str | None = None,
+                      key: Path | str | None = None) -> FakeAgent:
         reader, writer = await asyncio.open_connection(
-            host, port, ssl=client_ssl_context(ca_file), server_hostname=server_hostname or host,
+            host, port, ssl=client_ssl_context(ca_file, cert, key), server_hostname=server_hostname or host,
             limit=4 << 20, ssl_shutdown_timeout=2.0,
         )
         return cls(reader, writer, on_call)

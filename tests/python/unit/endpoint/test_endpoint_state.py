@@ -30,7 +30,7 @@ def san(path: Path) -> tuple[set[str], set[str]]:
 
 def test_first_run_creates_everything_private(tmp_path: Path) -> None:
     root = tmp_path / "a" / "state"
-    state = prepare_state(root, "127.0.0.1")
+    state = prepare_state(root, "127.0.0.1", allow_shared_token=True)
     assert state.created == {"state_dir", "ca", "server_cert", "agent_token", "operator_token"}
     assert mode(root) == 0o700
     for private in (state.paths.ca_key, state.paths.server_key, state.paths.agent_token,
@@ -88,11 +88,11 @@ def test_empty_token_file_is_an_error(tmp_path: Path) -> None:
 
 def test_token_file_option_must_exist(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="does not exist"):
-        prepare_state(tmp_path / "s", "127.0.0.1", tmp_path / "missing-token")
+        prepare_state(tmp_path / "s", "127.0.0.1", tmp_path / "missing-token", allow_shared_token=True)
     token_file = tmp_path / "my-token"
     token_file.write_text("s3cret-agent-token\n")
     os.chmod(token_file, 0o600)
-    state = prepare_state(tmp_path / "s", "127.0.0.1", token_file)
+    state = prepare_state(tmp_path / "s", "127.0.0.1", token_file, allow_shared_token=True)
     assert state.agent_token == "s3cret-agent-token" and state.agent_token_file == token_file
     assert not state.paths.agent_token.exists()
 
@@ -107,7 +107,7 @@ async def test_endpoint_json_has_the_bound_ports(tmp_path: Path) -> None:
         info = json.loads((tmp_path / "endpoint.json").read_text())
         assert info == {"pid": os.getpid(), "listen": f"127.0.0.1:{ep.listen_port}",
                         "api": f"http://127.0.0.1:{ep.api_port}", "ca": str(tmp_path / "ca.pem"),
-                        "version": "0.1.0"}
+                        "version": "0.1.0", "shared_token": True}
         assert ep.listen_port != 0 and ep.api_port != 0
     # Nothing is removed on exit.
     assert (tmp_path / "endpoint.json").exists() and (tmp_path / "endpoint.db").exists()
