@@ -12,9 +12,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "bridge.h"
+#include "crash.h"
 #include "log.h"
 #include "worker.h"
 
@@ -101,6 +103,80 @@ static PyObject *host_stats(PyObject *self, PyObject *unused) {
   return res;
 }
 
+/* crash_init(dir, handler, annotations, allow_test_crashes): see crash.h. */
+static PyObject *host_crash_init(PyObject *self, PyObject *args) {
+  PyObject *dir_obj = NULL, *handler_obj = NULL, *annotations;
+  int allow_test = 0;
+  if (!PyArg_ParseTuple(args, "O&OO!p:crash_init", PyUnicode_FSConverter, &dir_obj, &handler_obj, &PyDict_Type,
+                        &annotations, &allow_test))
+    return NULL;
+  PyObject *handler_bytes = NULL;
+  if (handler_obj != Py_None && !PyUnicode_FSConverter(handler_obj, &handler_bytes)) {
+    Py_DECREF(dir_obj);
+    return NULL;
+  }
+  const char *items[PA_CRASH_MAX_ANNOTATIONS];
+  PyObject *owned[PA_CRASH_MAX_ANNOTATIONS];
+  size_t n = 0;
+  int ok = 1;
+  PyObject *key, *value;
+  Py_ssize_t pos = 0;
+  while (ok && PyDict_Next(annotations, &pos, &key, &value)) {
+    if (n == PA_CRASH_MAX_ANNOTATIONS) {
+      PyErr_Format(PyExc_ValueError, "at most %d crash annotations", PA_CRASH_MAX_ANNOTATIONS);
+      ok = 0;
+      break;
+    }
+    if (!PyUnicode_Check(key) || !PyUnicode_Check(value)) {
+      PyErr_SetString(PyExc_TypeError, "crash annotations must map str to str");
+      ok = 0;
+      break;
+    }
+    owned[n] = PyUnicode_FromFormat("%U=%U", key, value);
+    items[n] = owned[n] ? PyUnicode_AsUTF8(owned[n]) : NULL;
+    if (!items[n]) {
+      Py_XDECREF(owned[n]);
+      ok = 0;
+      break;
+    }
+    n++;
+  }
+  char err[512] = "";
+  int rc = 0;
+  if (ok)
+    rc = pa_crash_init(PyBytes_AS_STRING(dir_obj), handler_bytes ? PyBytes_AS_STRING(handler_bytes) : NULL, items, n,
+                       allow_test, err, sizeof err);
+  for (size_t i = 0; i < n; i++) Py_DECREF(owned[i]);
+  Py_DECREF(dir_obj);
+  Py_XDECREF(handler_bytes);
+  if (!ok) return NULL;
+  if (rc) {
+    PyErr_SetString(HostError, err);
+    return NULL;
+  }
+  Py_RETURN_NONE;
+}
+
+#ifndef PYAGENT_RELEASE
+/* crash_test(kind, thread): crash the process on purpose (tests only; refused unless allowed by crash_init). */
+static PyObject *host_crash_test(PyObject *self, PyObject *args) {
+  const char *kind_s, *thread_s;
+  if (!PyArg_ParseTuple(args, "ss:crash_test", &kind_s, &thread_s)) return NULL;
+  int kind = strcmp(kind_s, "segv") == 0             ? PA_CRASH_SEGV
+             : strcmp(kind_s, "abort") == 0          ? PA_CRASH_ABORT
+             : strcmp(kind_s, "stack_overflow") == 0 ? PA_CRASH_STACK_OVERFLOW
+                                                     : 0;
+  int thread = strcmp(thread_s, "main") == 0 ? PA_CRASH_THREAD_MAIN : strcmp(thread_s, "libuv") == 0 ? PA_CRASH_THREAD_LIBUV : 0;
+  if (!kind) return PyErr_Format(PyExc_ValueError, "unknown crash kind '%s' (segv, abort, stack_overflow)", kind_s);
+  if (!thread) return PyErr_Format(PyExc_ValueError, "unknown thread '%s' (main, libuv)", thread_s);
+  int rc = pa_crash_test(kind, thread);
+  if (rc == -EPERM) return PyErr_Format(HostError, "test crashes are not allowed ([crash] allow_test_crashes)");
+  if (rc == -ESRCH) return PyErr_Format(HostError, "the libuv thread is not running");
+  if (rc) return PyErr_Format(HostError, "crash_test failed: %s", strerror(rc < 0 ? -rc : rc));
+  Py_RETURN_NONE;
+}
+#endif
+
 static PyMethodDef host_methods[] = {
     {"start", host_start, METH_O, "start(config_json): start the libuv thread with the host config."},
     {"stop", host_stop, METH_VARARGS, "stop(timeout_ms=2000): flush, close the sessions, join the libuv thread."},
@@ -110,6 +186,11 @@ static PyMethodDef host_methods[] = {
     {"log", host_log, METH_VARARGS, "log(level, line): write a key=value line through the host logger."},
     {"version", host_version, METH_NOARGS, "version(): the host version."},
     {"stats", host_stats, METH_NOARGS, "stats(): sessions and counters."},
+    {"crash_init", host_crash_init, METH_VARARGS,
+     "crash_init(dir, handler, annotations, allow_test_crashes): install the fatal-signal handlers."},
+#ifndef PYAGENT_RELEASE
+    {"crash_test", host_crash_test, METH_VARARGS, "crash_test(kind, thread): crash on purpose (tests only)."},
+#endif
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef host_module = {PyModuleDef_HEAD_INIT, "_pyagent_host",
@@ -146,11 +227,14 @@ static int append_path(PyObject *path, const char *dir, int front) {
 
 /* The directory the runtime is installed under: the venv the host was installed into when there is one (a
  * pyvenv.cfg beside or above our executable; in 3.11 it is `site`, which we do not run, that would set sys.prefix to
- * it), else the interpreter's prefix. */
-static void install_root(char *out, size_t cap) {
+ * it), else the interpreter's prefix. Without a venv, a `python` directory beside our bin directory is the packaged
+ * layout (the .deb/.rpm install /usr/lib/pyagent/{bin,python,bundles}): `*packaged` is set and `out` names that
+ * directory, which goes on sys.path as it is. */
+static void install_root(char *out, size_t cap, int *packaged) {
   char exe[PATH_MAX], cfg[PATH_MAX + 32];
   ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
   out[0] = '\0';
+  *packaged = 0;
   if (n <= 0) return;
   exe[n] = '\0';
   char *slash = strrchr(exe, '/');
@@ -162,26 +246,42 @@ static void install_root(char *out, size_t cap) {
     return;
   }
   snprintf(cfg, sizeof cfg, "%s/pyvenv.cfg", exe);
-  if (access(cfg, F_OK) == 0) snprintf(out, cap, "%s", exe);
+  if (access(cfg, F_OK) == 0) {
+    snprintf(out, cap, "%s", exe);
+    return;
+  }
+  snprintf(cfg, sizeof cfg, "%s/../python", exe);
+  char resolved[PATH_MAX];
+  struct stat st;
+  if (stat(cfg, &st) == 0 && S_ISDIR(st.st_mode) && realpath(cfg, resolved) && strlen(resolved) < cap) {
+    snprintf(out, cap, "%s", resolved);
+    *packaged = 1;
+  }
 }
 
 /* sys.path after init (3.11 does not recompute search paths from a changed config): the stdlib comes from the
- * interpreter; we add the site-packages of the install root, and PYAGENT_PYTHONPATH in front. */
+ * interpreter; we add the site-packages of the install root (or, installed from a package, its python directory),
+ * and PYAGENT_PYTHONPATH in front. */
 static int setup_paths(void) {
   PyObject *path = PySys_GetObject("path"); /* borrowed */
   if (!path || !PyList_Check(path)) return -1;
   char root[PATH_MAX];
-  install_root(root, sizeof root);
-  if (!root[0]) {
+  int packaged;
+  install_root(root, sizeof root, &packaged);
+  if (packaged) {
+    if (append_path(path, root, 0) < 0) return -1;
+  } else if (!root[0]) {
     PyObject *prefix = PySys_GetObject("prefix"); /* borrowed */
     PyObject *bytes = prefix ? PyUnicode_EncodeFSDefault(prefix) : NULL;
     if (!bytes) return -1;
     snprintf(root, sizeof root, "%s", PyBytes_AS_STRING(bytes));
     Py_DECREF(bytes);
   }
-  char dir[PATH_MAX + 64];
-  snprintf(dir, sizeof dir, "%s/lib/python%d.%d/site-packages", root, PY_MAJOR_VERSION, PY_MINOR_VERSION);
-  if (access(dir, F_OK) == 0 && append_path(path, dir, 0) < 0) return -1;
+  if (!packaged) {
+    char dir[PATH_MAX + 64];
+    snprintf(dir, sizeof dir, "%s/lib/python%d.%d/site-packages", root, PY_MAJOR_VERSION, PY_MINOR_VERSION);
+    if (access(dir, F_OK) == 0 && append_path(path, dir, 0) < 0) return -1;
+  }
   const char *extra = getenv("PYAGENT_PYTHONPATH");
   if (extra && *extra) {
     char *copy = strdup(extra), *save = NULL;
@@ -230,17 +330,22 @@ fail:
   return -1;
 }
 
+/* What run_runtime imports: the worker by default; a short-lived task (pa_embed_run_task) otherwise. */
+static const char *pa__module = "pyagent.runtime.worker";
+static int pa__task_argv_skip = 1; /* argv entries before the module's own arguments */
+
 static int run_runtime(int argc, char **argv) {
   if (setup_paths() < 0) {
     PyErr_Print();
     return 1;
   }
-  /* The host does TLS; keeping `ssl` out of the worker saves ~4 MB (asyncio imports it only if it can). */
-  if (PyDict_SetItemString(PyImport_GetModuleDict(), "ssl", Py_None) < 0) {
+  /* The host does TLS; keeping `ssl` out of the worker saves ~4 MB (asyncio imports it only if it can). Short-lived
+   * tasks (enrollment) may use it. */
+  if (pa__task_argv_skip == 1 && PyDict_SetItemString(PyImport_GetModuleDict(), "ssl", Py_None) < 0) {
     PyErr_Print();
     return 1;
   }
-  PyObject *mod = PyImport_ImportModule("pyagent.runtime.worker");
+  PyObject *mod = PyImport_ImportModule(pa__module);
   if (!mod) {
     fprintf(stderr, "pyagent-host: cannot import the pyagent runtime (is pyagent installed next to the host, or "
                     "PYAGENT_PYTHONPATH set?):\n");
@@ -248,7 +353,7 @@ static int run_runtime(int argc, char **argv) {
     return 1;
   }
   PyObject *args = PyList_New(0);
-  for (int i = 1; args && i < argc; i++) {
+  for (int i = pa__task_argv_skip; args && i < argc; i++) {
     PyObject *s = PyUnicode_DecodeFSDefault(argv[i]);
     if (!s || PyList_Append(args, s) < 0) {
       Py_XDECREF(s);
@@ -270,6 +375,12 @@ static int run_runtime(int argc, char **argv) {
     Py_DECREF(res);
   }
   return code;
+}
+
+int pa_embed_run_task(int argc, char **argv, const char *module) {
+  pa__module = module;
+  pa__task_argv_skip = 2;
+  return pa_embed_run(argc, argv);
 }
 
 int pa_embed_run(int argc, char **argv) {

@@ -14,6 +14,7 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "crash.h"
 #include "log.h"
 #include "proto.h"
 
@@ -160,8 +161,11 @@ static void stop_all(pa_worker_t *w) {
 
 static void run_loop(void *arg) {
   pa_worker_t *w = arg;
+  /* This thread's own signal stack, so that a stack overflow here still reaches the crash handler (crash.c). */
+  if (pa_crash_thread_enter(&w->loop)) pa_log(PA_LOG_WARNING, "crash.altstack_failed", "thread=libuv");
   for (size_t i = 0; i < w->n_conns; i++) pa_conn_start(&w->conns[i]);
   uv_run(&w->loop, UV_RUN_DEFAULT);
+  pa_crash_thread_leave();
   pa__worker_flush_py(w);
 }
 

@@ -55,18 +55,23 @@ class FakeSession:
                 if not line:
                     return True
                 self.received.append(json.loads(line))
-        except (asyncio.TimeoutError, ConnectionError, ssl.SSLError):
+        except asyncio.TimeoutError:
             return False
-        except ValueError:
+        except (ConnectionError, ssl.SSLError, ValueError):
+            # A reset is a close too: a peer that closes with our unread bytes in its buffer sends RST, not FIN.
             return True
 
 
 class FakeEndpoint:
-    """Runs an asyncio TLS server in a thread; `scripts[i]` drives the i-th session (the last one repeats)."""
+    """Runs an asyncio TLS server in a thread; `scripts[i]` drives the i-th session. Sessions after the scripted ones
+    run the last script again with `repeat_last`; otherwise (the agent reconnecting while the test winds down) they are
+    held open and never count as errors."""
 
-    def __init__(self, cert: Path, key: Path, scripts: list[Script], heartbeat_interval: float = 0.5) -> None:
+    def __init__(self, cert: Path, key: Path, scripts: list[Script], heartbeat_interval: float = 0.5,
+                 repeat_last: bool = False) -> None:
         self.cert, self.key = cert, key
         self.scripts = scripts
+        self.repeat_last = repeat_last
         self.heartbeat_interval = heartbeat_interval
         self.sessions: list[FakeSession] = []
         self.errors: list[BaseException] = []
@@ -78,6 +83,7 @@ class FakeEndpoint:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = FakeSession(reader, writer)
         index = len(self.sessions)
+        scripted = True
         self.sessions.append(session)
         try:
             hello = await session.recv()
@@ -86,9 +92,14 @@ class FakeEndpoint:
             await session.send({"v": "1", "id": hello["id"], "result": {
                 "agent_id": hello["params"]["agent_id"], "heartbeat_interval": self.heartbeat_interval,
                 "endpoint_time": time.time() * 1000}})
-            await self.scripts[min(index, len(self.scripts) - 1)](session)
+            scripted = index < len(self.scripts) or self.repeat_last
+            if scripted:
+                await self.scripts[min(index, len(self.scripts) - 1)](session)
+            else:
+                await session.closed_by_peer(timeout=60)
         except BaseException as exc:  # recorded for the test to see
-            self.errors.append(exc)
+            if scripted:
+                self.errors.append(exc)
         finally:
             writer.close()
             try:
