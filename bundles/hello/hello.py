@@ -7,16 +7,20 @@ import platform
 import socket
 from typing import Any
 
-from pyagent.runtime import Agent, method
+from pyagent.runtime import Agent, method, setting
 
 
 class Hello(Agent):
     """Says hello and describes the machine it runs on."""
 
+    capabilities = ("greeting",)
+
+    greeting: str = setting("Hello", min_length=1, max_length=40, help="the word greet() starts with")
+
     @method
     async def greet(self, name: str) -> str:
         """Return a greeting for `name`."""
-        return f"Hello, {name}!"
+        return f"{self.greeting}, {name}!"
 
     @method
     def sysinfo(self) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from pyagent.protocol._codec import MAX_NESTING, decode, encode
 from pyagent.protocol._errors import (
+    AGENT_PAUSED,
     AGENT_UNAVAILABLE,
+    ENROLLMENT_PENDING,
     ERROR_NAMES,
     FRAME_TOO_LARGE,
     INTERNAL_ERROR,
@@ -29,7 +31,9 @@ from pyagent.protocol._messages import (
 )
 
 __all__ = [
+    "AGENT_PAUSED",
     "AGENT_UNAVAILABLE",
+    "ENROLLMENT_PENDING",
     "DEFAULT_MAX_FRAME_BYTES",
     "ERROR_NAMES",
     "FRAME_TOO_LARGE",

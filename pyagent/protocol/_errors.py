@@ -15,6 +15,8 @@ VERSION_MISMATCH = -32002
 AGENT_UNAVAILABLE = -32003
 TIMEOUT = -32004
 FRAME_TOO_LARGE = -32005
+AGENT_PAUSED = -32006
+ENROLLMENT_PENDING = -32010
 
 ERROR_NAMES: dict[int, str] = {
     PARSE_ERROR: "parse_error",
@@ -28,6 +30,8 @@ ERROR_NAMES: dict[int, str] = {
     AGENT_UNAVAILABLE: "agent_unavailable",
     TIMEOUT: "timeout",
     FRAME_TOO_LARGE: "frame_too_large",
+    AGENT_PAUSED: "agent_paused",
+    ENROLLMENT_PENDING: "enrollment_pending",
 }
 
 

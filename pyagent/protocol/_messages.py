@@ -14,6 +14,15 @@ METHODS: dict[str, str] = {
     "handshake.hello": "agent -> endpoint",
     "heartbeat.post": "either way",
     "bundle.call": "endpoint -> agent",
+    "agent.status": "endpoint -> agent",
+    "agent.pause": "endpoint -> agent",
+    "agent.resume": "endpoint -> agent",
+    "agent.stop": "endpoint -> agent",
+    "agent.restart": "endpoint -> agent",
+    "agent.config.get": "endpoint -> agent",
+    "agent.config.set": "endpoint -> agent",
+    "agent.describe": "endpoint -> agent",
+    "event.batch": "agent -> endpoint",
 }
 
 

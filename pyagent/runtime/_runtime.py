@@ -16,16 +16,20 @@ import asyncio
 import inspect
 import json
 import logging
+import random
 import signal
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pyagent.protocol import DEFAULT_MAX_FRAME_BYTES
 from pyagent.runtime._agent import Agent
 from pyagent.runtime._bridge import Bridge, HostModule
+from pyagent.runtime._control import Controller
 from pyagent.runtime._dispatch import Dispatcher
 from pyagent.runtime._errors import PyagentRuntimeError, RuntimeStoppedError
 from pyagent.runtime._log import log_event
+from pyagent.runtime._outbox import OUTBOX_FILE, Outbox
 
 CALLS_SHUTDOWN_TIMEOUT = 0.5  # seconds to let cancelled calls finish
 FINI_TIMEOUT = 0.6  # seconds for all fini() hooks together
@@ -44,9 +48,19 @@ class Runtime:
     """
 
     def __init__(self, host: HostModule, agents: Mapping[str, Agent], host_config: Mapping[str, Any], *,
-                 max_concurrent_calls: int = 64, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+                 max_concurrent_calls: int = 64, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 state_dir: Path | None = None, outbox_max_events: int = 10_000,
+                 rng: random.Random | None = None) -> None:
         self.host = host
         self.agents = dict(agents)
+        self.exit_code = EXIT_OK
+        # Events: `Agent.emit` -> the outbox (on disk in state_dir when given) -> `event.batch` on session 0.
+        self.outbox = Outbox(Path(state_dir) / OUTBOX_FILE if state_dir is not None else None,
+                             max_events=outbox_max_events, max_batch_bytes=max_frame_bytes // 2)
+        self.controller = Controller(self.agents, request_exit=self._exit, rng=rng)
+        self._outbox_task: asyncio.Task[None] | None = None
+        for agent in self.agents.values():
+            agent.__dict__["_pyagent_emit"] = self.outbox.put
         self.host_config = host_config
         self.max_concurrent_calls = max_concurrent_calls
         self.max_frame_bytes = max_frame_bytes
@@ -58,6 +72,11 @@ class Runtime:
         self._initialised: list[Agent] = []
 
     # --- control ---
+
+    def _exit(self, code: int) -> None:
+        """agent.stop (0) / agent.restart (EXIT_RESTART): a clean shutdown, then `run()` returns `code`."""
+        self.exit_code = code
+        self.stop()
 
     def stop(self) -> None:
         """Ask the runtime to stop (safe to call from signal handlers, agents and tests, more than once)."""
@@ -90,6 +109,7 @@ class Runtime:
         out: dict[str, Any] = {}
         if self._dispatcher is not None:
             out.update(self._dispatcher.stats())
+        out["outbox"] = self.outbox.stats()
         if self._bridge is not None:
             out["bridge"] = self._bridge.stats()
             try:
@@ -117,16 +137,21 @@ class Runtime:
             if not await self._init_agents():
                 return EXIT_FAILURE if not self._stop_requested else EXIT_OK
             self._dispatcher = Dispatcher(self.agents, self._send, max_concurrent_calls=self.max_concurrent_calls,
-                                          max_frame_bytes=self.max_frame_bytes)
+                                          max_frame_bytes=self.max_frame_bytes, controller=self.controller)
             bridge = Bridge(self.host, loop, self._dispatcher.handle_line)
             bridge.start(json.dumps(self.host_config))
             self._bridge = bridge
             bridge.attach()
+            self.controller.start()
+            dispatcher = self._dispatcher
+            self._outbox_task = loop.create_task(
+                self.outbox.deliver(dispatcher.request, lambda: bool(dispatcher.sessions), dispatcher.session_changed),
+                name="outbox")
             self._started.set()
             log_event(_log, logging.INFO, "runtime.started", "runtime started", agents=",".join(self.agents),
                       host_version=self.host.version())
             await self._stop_event.wait()
-            return EXIT_OK
+            return self.exit_code
         finally:
             await self._shutdown(bridge)
             for sig in signals:
@@ -188,11 +213,17 @@ class Runtime:
 
     async def _shutdown(self, bridge: Bridge | None) -> None:
         log_event(_log, logging.INFO, "runtime.stopping", "runtime stopping")
+        await self.controller.stop()
+        if self._outbox_task is not None:
+            self._outbox_task.cancel()
+            await asyncio.wait({self._outbox_task}, timeout=0.2)
+            self._outbox_task = None
         if bridge is not None:
             bridge.detach()
         if self._dispatcher is not None:
             await self._dispatcher.shutdown(CALLS_SHUTDOWN_TIMEOUT)
         await self._fini_agents()
+        self.outbox.close()
         if bridge is not None:
             bridge.stop(HOST_STOP_TIMEOUT_MS)
         self._bridge = None

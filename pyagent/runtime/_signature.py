@@ -1,8 +1,10 @@
 """What an exposed method accepts, read once from its signature and type hints, and the binding of `params` to it.
 
-Only simple hints are checked (str, int, float, bool, list, dict, their generic forms such as `list[int]` — checked
-as `list` — unions of those, and `X | None`); anything else is accepted as is. `int` refuses booleans, `float`
-accepts integers.
+Parameters are validated with msgspec (`_schema`) against their type hints: builtins and their generic forms
+(`list[int]`, `dict[str, float]`), unions, `X | None`, `Literal[...]`, `Annotated[int, Meta(ge=0)]`, dataclasses,
+TypedDicts, enums, datetimes. `int` refuses booleans and floats, `float` accepts integers. A hint msgspec cannot
+check (an arbitrary class) is accepted as is and published as `{}`. The same hints give the JSON Schema of the
+parameters and of the return value (`agent.describe`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pyagent.runtime._agent import Agent, exposed_methods
+from pyagent.runtime import _schema
+from pyagent.runtime._agent import Agent, exposed_methods, is_exclusive
 
 _SIMPLE: dict[type, str] = {str: "str", int: "int", float: "float", bool: "bool", list: "list", dict: "dict"}
 _JSON_NAMES: dict[type, str] = {str: "str", int: "int", float: "float", bool: "bool", list: "list", dict: "dict",
@@ -29,6 +32,7 @@ class ParamSpec:
     types: tuple[type, ...] | None  # None: not checked
     type_name: str
     nullable: bool
+    hint: Any = Any  # what msgspec checks (Any when it cannot)
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,30 @@ class MethodSpec:
     params: tuple[ParamSpec, ...]
     var_keyword: bool
     doc: str
+    exclusive: bool = False
+    returns: Any = Any
+    struct: Any = None  # the msgspec Struct type of the checked parameters, None when nothing is checked
 
     def by_name(self) -> dict[str, ParamSpec]:
         return {p.name: p for p in self.params}
+
+    def params_schema(self) -> dict[str, Any]:
+        """JSON Schema of `params` (an object)."""
+        props: dict[str, Any] = {}
+        defs: dict[str, Any] = {}
+        for p in self.params:
+            schema = _schema.json_schema(p.hint)
+            defs.update(schema.pop("$defs", {}))
+            props[p.name] = schema
+        out: dict[str, Any] = {"type": "object", "properties": props,
+                               "required": [p.name for p in self.params if p.required],
+                               "additionalProperties": self.var_keyword}
+        if defs:
+            out["$defs"] = defs
+        return out
+
+    def returns_schema(self) -> dict[str, Any]:
+        return _schema.json_schema(self.returns)
 
 
 class InvalidParamsError(Exception):
@@ -89,6 +114,10 @@ def _hint_types(hint: Any) -> tuple[tuple[type, ...] | None, str, bool]:
     return None, _type_repr(hint), True
 
 
+def _strip_annotated(hint: Any) -> Any:
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+
+
 def _type_repr(hint: Any) -> str:
     if isinstance(hint, type) and not typing.get_args(hint):
         return hint.__name__
@@ -108,7 +137,7 @@ def _describe_function(exposed: str, attr: str, func: Callable[..., Any], cls: t
     where = f"{cls.__qualname__}.{attr}"
     try:
         signature = inspect.signature(func)
-        hints = typing.get_type_hints(func)
+        hints = typing.get_type_hints(func, include_extras=True)
     except Exception as exc:  # NameError for unresolvable annotations, ValueError for odd callables
         raise TypeError(f"{where}: cannot read its signature: {type(exc).__name__}: {exc}") from exc
     params: list[ParamSpec] = []
@@ -121,9 +150,12 @@ def _describe_function(exposed: str, attr: str, func: Callable[..., Any], cls: t
             continue
         if param.kind is inspect.Parameter.VAR_POSITIONAL:
             continue  # cannot be given by name: always empty
-        checked, type_name, nullable = _hint_types(hints.get(pname, inspect.Parameter.empty))
-        if param.default is None:
+        raw = hints.get(pname, inspect.Parameter.empty)
+        checked, type_name, nullable = _hint_types(_strip_annotated(raw))
+        hint: Any = Any if raw is inspect.Parameter.empty or not _schema.supported(raw) else raw
+        if param.default is None and hint is not Any:
             nullable = True
+            hint = typing.Optional[hint]
         params.append(ParamSpec(
             name=pname,
             positional_only=param.kind is inspect.Parameter.POSITIONAL_ONLY,
@@ -131,10 +163,18 @@ def _describe_function(exposed: str, attr: str, func: Callable[..., Any], cls: t
             types=checked,
             type_name=type_name,
             nullable=nullable,
+            hint=hint,
         ))
+    checked_params = [p for p in params if p.hint is not Any]
+    struct = _schema.make_struct(f"{cls.__name__}_{exposed}_params",
+                                 [(p.name, p.hint, _schema.NODEFAULT if p.required else None)
+                                  for p in checked_params]) if checked_params else None
+    returns = hints.get("return", Any)
     return MethodSpec(
         name=exposed, attr=attr, is_async=inspect.iscoroutinefunction(func), params=tuple(params),
-        var_keyword=var_keyword, doc=inspect.cleandoc(func.__doc__ or ""),
+        var_keyword=var_keyword, doc=inspect.cleandoc(func.__doc__ or ""), exclusive=is_exclusive(func),
+        returns=returns if returns is not None and _schema.supported(returns) else (None if returns is None else Any),
+        struct=struct,
     )
 
 
@@ -176,10 +216,11 @@ def bind(spec: MethodSpec, where: str, params: Mapping[str, Any]) -> tuple[list[
             continue
         if p.positional_only and skipped is not None:
             raise InvalidParamsError(f"{where}: parameter '{p.name}' needs '{skipped}' too", skipped)
-        value = params[p.name]
-        if not _matches(value, p):
-            raise InvalidParamsError(f"{where}: parameter '{p.name}' must be {p.type_name}, got {_json_name(value)}",
-                                     p.name, p.type_name)
+    converted = _validate(spec, where, params) if spec.struct is not None else None
+    for p in spec.params:
+        if p.name not in params:
+            continue
+        value = getattr(converted, p.name) if converted is not None and p.hint is not Any else params[p.name]
         if p.positional_only:
             args.append(value)
         else:
@@ -188,3 +229,20 @@ def bind(spec: MethodSpec, where: str, params: Mapping[str, Any]) -> tuple[list[
         if key not in known:
             kwargs[key] = value
     return args, kwargs
+
+
+def _validate(spec: MethodSpec, where: str, params: Mapping[str, Any]) -> Any:
+    """Convert the checked parameters with msgspec; raise InvalidParamsError naming the parameter."""
+    checked = {p.name: params[p.name] for p in spec.params if p.hint is not Any and p.name in params}
+    try:
+        return _schema.convert(spec.struct, checked)
+    except _schema.SchemaError as exc:
+        p = spec.by_name().get(exc.field)
+        if p is None:  # not expected: bind() checked names first
+            raise InvalidParamsError(f"{where}: invalid parameters: {exc}", exc.field) from None
+        value = params[p.name]
+        if not _matches(value, p):
+            raise InvalidParamsError(f"{where}: parameter '{p.name}' must be {p.type_name}, got {_json_name(value)}",
+                                     p.name, p.type_name) from None
+        raise InvalidParamsError(f"{where}: parameter '{p.name}' is invalid: {exc.detail}", p.name,
+                                 p.type_name) from None

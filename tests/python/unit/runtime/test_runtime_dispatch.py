@@ -65,7 +65,7 @@ class Calc(Agent):
 
     @method
     def unserialisable(self) -> Any:
-        return {1, 2}
+        return {"x": object()}
 
     @method
     def big(self, n: int) -> str:
@@ -144,10 +144,10 @@ def test_unknown_object_or_method(fake_host: FakeHost, params: dict[str, Any], m
 def test_unknown_request_method(fake_host: FakeHost) -> None:
     async def scenario() -> None:
         async with running(fake_host, agents()):
-            fake_host.inject(4, {"v": "1", "id": 5, "method": "agent.status", "params": {}})
+            fake_host.inject(4, {"v": "1", "id": 5, "method": "agent.nosuch", "params": {}})
             await fake_host.wait_sent(1)
         assert fake_host.response_to(5) == (4, {"v": "1", "id": 5, "error": {
-            "code": METHOD_NOT_FOUND, "message": "method 'agent.status' not found"}})
+            "code": METHOD_NOT_FOUND, "message": "method 'agent.nosuch' not found"}})
 
     run(scenario())
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from runtime_helpers import HELLO_BUNDLE, REPO, BundleFactory
 
@@ -31,6 +32,7 @@ def agent_toml(tmp_path: Path, *bundles: Path, extra: str = "") -> str:
         endpoints = ["127.0.0.1:7443", "[::1]:7444"]
         ca = "ca.pem"
         token = "tok"
+        auth = "shared-token"
         bundles = [{listed}]
         labels = {{ env = "test" }}
         {extra}
@@ -226,6 +228,7 @@ def test_hello_params_and_host_config(write_config: WriteConfig, tmp_path: Path)
 CHILD = """\
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
+sys.path.append(os.environ["MSGSPEC_PATH"])  # the host adds its site-packages
 sys.modules["ssl"] = None  # as pyagent-host does
 from pyagent.runtime import FakeHost
 from pyagent.runtime import worker
@@ -283,6 +286,7 @@ def test_whole_run_with_signals(write_config: WriteConfig, tmp_path: Path, make_
     path = write_config(agent_toml(tmp_path, *bundles))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYAGENT_")}
     env["CALLS"] = json.dumps(calls)
+    env["MSGSPEC_PATH"] = str(Path(msgspec.__file__).parents[1])
     child = subprocess.Popen([sys.executable, "-I", "-S", "-c", CHILD, str(REPO), "--config", str(path),
                               "--foreground"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
