@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
 
-APT_PACKAGES=(gcc make cmake pkg-config git openssl libuv1-dev libssl-dev libjansson-dev python3 python3-dev python3-venv)
+APT_PACKAGES=(gcc make cmake pkg-config git openssl libuv1-dev libssl-dev libjansson-dev python3 python3-dev python3-venv libcurl4 dpkg-dev debootstrap rpm wixl)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

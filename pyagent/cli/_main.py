@@ -14,6 +14,7 @@ from pyagent.cli._call import run_call
 from pyagent.cli._demo import run_demo
 from pyagent.cli._errors import EXIT_FAILED, EXIT_INTERRUPTED, CliError
 from pyagent.cli._serve import add_serve_arguments, run_serve
+from pyagent.cli._tokens import add_agent_status_commands, add_token_commands
 
 
 STATE_DIR_HELP = ("the endpoint's state directory (default: $PYAGENT_STATE_DIR or "
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("agent", metavar="ID", help="agent id, unique id prefix, or name")
     show.add_argument("--json", action="store_true", help="print the agent record as JSON")
     show.set_defaults(handler=run_show)
+    add_agent_status_commands(agents_commands, client)
+    add_token_commands(commands, client)
 
     call = commands.add_parser(
         "call", parents=[client], help="call a method of an agent object",
@@ -71,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="start an endpoint and a real agent, call hello.greet, stop both")
     demo.add_argument("--keep", action="store_true", help="keep the demo's files (configs, logs) afterwards")
     demo.set_defaults(handler=run_demo)
+
+    from pyagent.cli._package import add_package_arguments, run_package
+    package = commands.add_parser(
+        "package", help="build a .deb or .rpm of the agent for an endpoint (nfpm)",
+        description="Build a ready-to-install agent package: the host, the runtime, the bundles, a hardened systemd "
+                    "unit and /etc/pyagent/agent.toml filled in for the endpoint. Prints the package's path.",
+        epilog="exit status: 0 built, 1 build failed, 2 usage. See docs/installers.md")
+    add_package_arguments(package)
+    package.set_defaults(handler=run_package)
     return parser
 
 
