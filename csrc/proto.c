@@ -2,6 +2,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -110,6 +111,17 @@ static char *dump_line(json_t *msg) {
 
 char *pa_proto_error_line(const int64_t *id, int code, const char *message, json_t *data) {
   json_t *err = json_pack("{s:i, s:s}", "code", code, "message", message);
+  if (!err && message) {
+    /* Not valid UTF-8 (a parser's message may quote the bad bytes, or be cut inside a character): send it with
+     * every non-ASCII byte as '?' rather than no error at all (found by tests/fuzz/fuzz-msg). */
+    char *ascii = strdup(message);
+    if (ascii) {
+      for (char *p = ascii; *p; p++)
+        if ((unsigned char)*p >= 0x80) *p = '?';
+      err = json_pack("{s:i, s:s}", "code", code, "message", ascii);
+      free(ascii);
+    }
+  }
   if (err && data) json_object_set_new(err, "data", data);
   else if (data) json_decref(data);
   if (!err) return NULL;

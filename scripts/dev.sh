@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
 
-APT_PACKAGES=(gcc make cmake pkg-config git openssl libuv1-dev libssl-dev libjansson-dev python3 python3-dev python3-venv libcurl4 dpkg-dev debootstrap rpm wixl)
+APT_PACKAGES=(gcc make cmake pkg-config git openssl libuv1-dev libssl-dev libjansson-dev python3 python3-dev python3-venv libcurl4 dpkg-dev debootstrap rpm wixl clang libclang-rt-14-dev)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -51,6 +51,15 @@ run_c_tests() {
     ctest --test-dir "$build" --output-on-failure
 }
 
+run_fuzz() {
+    # libFuzzer targets (tests/fuzz): clang + compiler-rt, each run for PYAGENT_FUZZ_SECONDS (20) from the committed corpus.
+    local build=$ROOT/build/fuzz
+    CC=clang cmake -S "$ROOT" -B "$build" -DPYAGENT_FUZZ=ON -DPYAGENT_FUZZ_SECONDS="${PYAGENT_FUZZ_SECONDS:-20}" \
+        -DCMAKE_BUILD_TYPE=Debug -DPython_EXECUTABLE="$VENV/bin/python" >/dev/null
+    cmake --build "$build" --target pa-fuzz -j"$(nproc)" >/dev/null
+    ctest --test-dir "$build" --output-on-failure
+}
+
 run_type_check() {
     echo "mypy --strict -p pyagent"
     (cd "$ROOT" && "$VENV/bin/mypy" --strict --cache-dir "$ROOT/build/mypy" -p pyagent)
@@ -65,6 +74,6 @@ shift || true
 case "$cmd" in
     setup) setup ;;
     demo) setup; "$VENV/bin/pyagent" demo "$@" ;;
-    test) setup; run_c_tests; run_type_check; run_python_tests "$@" ;;
+    test) setup; run_c_tests; run_fuzz; run_type_check; run_python_tests "$@" ;;
     *) echo "usage: scripts/dev.sh setup|demo|test" >&2; exit 2 ;;
 esac

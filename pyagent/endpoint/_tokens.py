@@ -19,7 +19,7 @@ MAX_LABEL_CHARS = 256
 MAX_DURATION_S = 10 * 365 * 86400
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION_RE = re.compile(r"(\d+)([smhdw])")
+_DURATION_RE = re.compile(r"([0-9]+)([smhdw])", re.ASCII)
 _LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]*")
 
 
@@ -44,7 +44,7 @@ def parse_duration(text: str) -> int:
     value = text.strip().lower()
     if not value:
         raise TokenFormatError("empty duration (expected e.g. 30m, 2h, 7d)")
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() is also true of '¹', which int() refuses
         total = int(value)
     else:
         pos = 0

@@ -16,6 +16,7 @@ AGENT_UNAVAILABLE = -32003
 TIMEOUT = -32004
 FRAME_TOO_LARGE = -32005
 AGENT_PAUSED = -32006
+NOT_ALLOWED = -32007
 ENROLLMENT_PENDING = -32010
 
 ERROR_NAMES: dict[int, str] = {
@@ -31,6 +32,7 @@ ERROR_NAMES: dict[int, str] = {
     TIMEOUT: "timeout",
     FRAME_TOO_LARGE: "frame_too_large",
     AGENT_PAUSED: "agent_paused",
+    NOT_ALLOWED: "not_allowed",
     ENROLLMENT_PENDING: "enrollment_pending",
 }
 

@@ -23,6 +23,9 @@ METHODS: dict[str, str] = {
     "agent.config.set": "endpoint -> agent",
     "agent.describe": "endpoint -> agent",
     "event.batch": "agent -> endpoint",
+    "crash.begin": "agent -> endpoint",
+    "crash.chunk": "agent -> endpoint",
+    "crash.end": "agent -> endpoint",
 }
 
 

@@ -19,6 +19,8 @@ from types import MappingProxyType
 from typing import Any
 
 from pyagent.protocol import DEFAULT_MAX_FRAME_BYTES
+from pyagent.runtime._allow import KINDS as _ALLOW_KINDS
+from pyagent.runtime._allow import AllowList
 from pyagent.runtime._errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/pyagent/agent.toml")
@@ -28,13 +30,19 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Key -> what it holds; the order is the order of docs/architecture.md (and of error checks).
 _TOP_KEYS = ("name", "state_dir", "endpoints", "ca", "server_name", "token", "auth", "bundles", "labels",
-             "log_level", "python_path", "limits", "reconnect", "crash", "agents")
+             "log_level", "python_path", "limits", "reconnect", "crash", "agents", "supervisor", "allow")
 # How the agent authenticates: with the client certificate it gets by enrolling (`token` is then an enrollment
 # token), or, for development against an endpoint started with --allow-shared-token, with `token` in the hello.
 AUTH_MODES = ("certificate", "shared-token")
 _CRASH_KEYS = ("enabled", "dir", "handler", "allow_test_crashes", "hang_timeout")
 _LIMITS_KEYS = ("max_frame_bytes", "max_concurrent_calls")
 _RECONNECT_KEYS = ("min_ms", "max_ms", "stable_ms")
+# `[supervisor]`: read by the supervisor (csrc/supervisor.c) through `pyagent-host check-config --json`.
+_SUPERVISOR_INT_KEYS = {  # key -> (low, high); the defaults are SupervisorConfig's
+    "max_rss_mb": (0, 1 << 20), "check_interval_ms": (100, 3_600_000), "restart_min_ms": (1, 3_600_000),
+    "restart_max_ms": (1, 86_400_000), "stable_ms": (0, 86_400_000), "crash_loop_count": (1, 1000),
+    "crash_loop_window_ms": (1000, 86_400_000), "stop_timeout_ms": (100, 600_000)}
+_SUPERVISOR_KEYS = ("max_rss_mb", "max_cpu_percent", *list(_SUPERVISOR_INT_KEYS)[1:])
 # Keys that PYAGENT_<KEY> may override.
 ENV_KEYS = ("name", "state_dir", "endpoints", "ca", "server_name", "token", "log_level")
 
@@ -86,6 +94,22 @@ class CrashConfig:
 
 
 @dataclass(frozen=True)
+class SupervisorConfig:
+    """`[supervisor]`: worker caps (0 = off; CPU in percent of one core, averaged over 3 checks) and the restart
+    policy. Only the supervisor uses these; see docs/architecture.md, "Supervisor"."""
+
+    max_rss_mb: int = 0
+    max_cpu_percent: float = 0.0
+    check_interval_ms: int = 5000
+    restart_min_ms: int = 1000
+    restart_max_ms: int = 60_000
+    stable_ms: int = 60_000
+    crash_loop_count: int = 5
+    crash_loop_window_ms: int = 120_000
+    stop_timeout_ms: int = 5000
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """The validated agent config. Paths are absolute; `token` is kept out of `repr()`."""
 
@@ -104,6 +128,9 @@ class AgentConfig:
     limits: Limits = Limits()
     reconnect: Reconnect = Reconnect()
     crash: CrashConfig = CrashConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    # `[allow]`: the kinds of remote operations this agent accepts (`_allow.py`); only this file can change it.
+    allow: AllowList = AllowList()
     # `[agents.<object>]`: config values per agent object, checked against the object's fields when bundles load.
     agents: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -270,6 +297,11 @@ class _Parser:
         limits_doc = self.table(doc, "limits", _LIMITS_KEYS)
         reconnect_doc = self.table(doc, "reconnect", _RECONNECT_KEYS)
         crash = self.parse_crash(self.table(doc, "crash", _CRASH_KEYS))
+        supervisor = self.parse_supervisor(self.table(doc, "supervisor", _SUPERVISOR_KEYS))
+        try:
+            allow = AllowList.from_table(self.table(doc, "allow", _ALLOW_KINDS))
+        except ValueError as exc:
+            raise self.fail(str(exc)) from None
         agents = self.parse_agents(doc)
 
         name = self.parse_name(doc)
@@ -311,7 +343,7 @@ class _Parser:
         return AgentConfig(
             path=self.path, name=name, state_dir=state_dir, endpoints=endpoints, ca=ca, server_name=server_name,
             token=token, auth=auth, bundles=bundles, labels=labels, log_level=log_level, python_path=python_path,
-            limits=limits, reconnect=reconnect, crash=crash, agents=agents,
+            limits=limits, reconnect=reconnect, crash=crash, agents=agents, supervisor=supervisor, allow=allow,
         )
 
     def parse_agents(self, doc: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
@@ -323,6 +355,19 @@ class _Parser:
             if not isinstance(table, dict):
                 raise self.fail(f"key 'agents.{obj}' must be a table, got {_toml_type(table)}")
         return MappingProxyType({obj: MappingProxyType(dict(table)) for obj, table in value.items()})
+
+    def parse_supervisor(self, doc: Mapping[str, Any]) -> SupervisorConfig:
+        defaults = SupervisorConfig()
+        ints = {key: self.integer(doc.get(key, getattr(defaults, key)), f"key 'supervisor.{key}'", bounds)
+                for key, bounds in _SUPERVISOR_INT_KEYS.items()}
+        cpu = doc.get("max_cpu_percent", defaults.max_cpu_percent)
+        if isinstance(cpu, bool) or not isinstance(cpu, (int, float)) or not 0 <= cpu <= 100_000:
+            raise self.fail(f"key 'supervisor.max_cpu_percent' must be a number between 0 and 100000 (percent of one "
+                            f"core, 0 = off), got {cpu!r}")
+        if ints["restart_max_ms"] < ints["restart_min_ms"]:
+            raise self.fail(f"key 'supervisor.restart_max_ms' ({ints['restart_max_ms']}) must not be less than "
+                            f"'supervisor.restart_min_ms' ({ints['restart_min_ms']})")
+        return SupervisorConfig(max_cpu_percent=float(cpu), **ints)
 
     def parse_crash(self, doc: Mapping[str, Any]) -> CrashConfig:
         flags: dict[str, bool] = {}

@@ -7,6 +7,7 @@
   on the event loop as soon as the line is read, so they must be quick. The reply goes back on the session the request
   came from. A paused object refuses calls with -32006.
 - `agent.*` control actions (`_control.py`), as requests of their own or as `bundle.call` with `method: "agent.…"`.
+- Every request passes the local allow-list (`_allow.py`) first, here and only here: a refused kind gets -32007.
 - Responses (lines without `method`) complete the requests the runtime sent itself with `Dispatcher.request`.
 - `host.session` notices maintain the session table; other notifications are ignored; other requests get -32601.
 - Bad input is logged and dropped, never raised: the host already validated every frame, so this is a second guard.
@@ -31,6 +32,7 @@ from pyagent.protocol import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     METHOD_NOT_FOUND,
+    NOT_ALLOWED,
     ProtocolError,
     RemoteError,
     decode,
@@ -42,6 +44,7 @@ from pyagent.protocol import (
     validate_message,
 )
 from pyagent.runtime._agent import Agent
+from pyagent.runtime._allow import AllowList
 from pyagent.runtime._control import ControlError, Controller
 from pyagent.runtime._errors import MessageTooLargeError, RequestTimeoutError, RuntimeStoppedError
 from pyagent.runtime._log import log_event
@@ -99,8 +102,12 @@ class Dispatcher:
     """Routes incoming lines; `send(session, payload)` queues an encoded message (the bridge's `send`)."""
 
     def __init__(self, agents: Mapping[str, Agent], send: SendLine, *, max_concurrent_calls: int = 64,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, controller: Controller | None = None) -> None:
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, controller: Controller | None = None,
+                 allow: AllowList | None = None) -> None:
         self._send = send
+        # pyagent-host passes the config's [allow] list; without one (embedding, tests) every existing kind is allowed.
+        self.allow = allow if allow is not None else AllowList.everything()
+        self.calls_not_allowed = 0
         self.max_frame_bytes = max_frame_bytes
         self.max_concurrent_calls = max_concurrent_calls
         self.controller = controller or Controller(agents, request_exit=lambda code: None)
@@ -155,6 +162,8 @@ class Dispatcher:
                 log_event(_log, logging.DEBUG, "notification.ignored", f"ignored notification {method}",
                           session=session, method=method)
             return
+        if not self._permitted(session, msg, method, params):
+            return
         if method == CALL_METHOD:
             self._on_call(session, msg, params)
         elif self.controller.is_control(method):
@@ -162,6 +171,25 @@ class Dispatcher:
             self._on_control(_Call(session, msg, method), method, params)
         else:
             self._send_message(session, error_response(msg["id"], METHOD_NOT_FOUND, f"method '{method}' not found"))
+
+    def _permitted(self, session: int, msg: Mapping[str, Any], method: str, params: Any) -> bool:
+        """The allow-list check for every request; a refusal is answered (-32007) and logged here."""
+        effective = method
+        inner = params.get("method") if isinstance(params, dict) else None
+        if method == CALL_METHOD and isinstance(inner, str) and self.controller.is_control(inner):
+            effective = inner  # a control action sent as bundle.call is still a control action
+        refusal = self.allow.refusal(effective)
+        if refusal is None:
+            return True
+        kind, message = refusal
+        self.calls_total += 1
+        self.calls_not_allowed += 1
+        agent = params.get("agent") if isinstance(params, dict) and isinstance(params.get("agent"), str) else None
+        where = f"{agent}.{inner}" if method == CALL_METHOD and agent and isinstance(inner, str) else effective
+        log_event(_log, logging.WARNING, "call.not_allowed", f"refused {where}: allow-list kind '{kind}' is off",
+                  session=session, method=effective, kind=kind, target=where)
+        self._reply_error(_Call(session, msg, method), NOT_ALLOWED, message, {"kind": kind, "method": effective})
+        return False
 
     def _drop(self, session: int, problem: str, payload: bytes) -> None:
         self.lines_dropped += 1
@@ -444,6 +472,8 @@ class Dispatcher:
             "sessions": [s.as_dict() for s in self.sessions.values()],
             "calls_total": self.calls_total,
             "calls_failed": self.calls_failed,
+            "calls_not_allowed": self.calls_not_allowed,
+            "allow": self.allow.as_dict(),
             "calls_in_flight": len(self._calls),
             "calls_running": self.running,
             "calls_peak_running": self.peak_running,

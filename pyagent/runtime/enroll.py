@@ -3,12 +3,18 @@
     pyagent-host enroll --endpoint HOST:PORT --ca FILE --token TOKEN [--state-dir DIR] [--name NAME]
                         [--server-name NAME] [--timeout SECONDS]
     pyagent-host enroll --config FILE            (endpoint, ca, token, state_dir, name from the agent config)
-    pyagent-host enroll --new-key --state-dir DIR (renewal: write a new key, print its CSR)
+    pyagent-host enroll --new-key --state-dir DIR (renewal: write agent.key.next, print its CSR)
+    pyagent-host enroll --install --state-dir DIR (renewal: the enroll.renew result on stdin -> agent.key/crt)
+    pyagent-host enroll --cert-info --state-dir DIR (write and print agent.crt.json: serial, not_before/after)
 
 It generates the agent's private key locally (`STATE_DIR/agent.key`, mode 0600; it never leaves the machine), sends
 a CSR with the enrollment token in `enroll.request` over TLS that verifies the endpoint against the pinned CA, and
 writes the agent id (`STATE_DIR/agent-id`) and the client certificate (`STATE_DIR/agent.crt`) it gets back. While an
 operator has not approved the agent it waits and asks again (same key, so no extra use of the token).
+
+Renewal (`_renew.py` in the worker) runs `--new-key`, sends the CSR in `enroll.renew` over its live session, and
+hands the result to `--install`, which checks it and replaces the key and the certificate. `agent.crt.json` next to
+the certificate tells the worker when it expires without parsing X.509 itself.
 
 This module imports `ssl` and `cryptography`; the long-running worker never does: it runs this as a subprocess.
 The token may also come from `$PYAGENT_ENROLL_TOKEN` (keeps it out of `ps`). Exit codes: 0 enrolled, 1 failure,
@@ -45,6 +51,7 @@ KEY_FILE = "agent.key"
 CERT_FILE = "agent.crt"
 NEXT_KEY_FILE = "agent.key.next"
 ID_FILE = "agent-id"
+CERT_INFO_FILE = "agent.crt.json"
 TOKEN_ENV = "PYAGENT_ENROLL_TOKEN"
 UNAUTHORIZED = -32000
 MAX_REPLY_BYTES = 1 << 20
@@ -145,6 +152,22 @@ def _check_certificate(pem: str, key: ec.EllipticCurvePrivateKey, agent_id: str)
         raise EnrollError("the endpoint returned a certificate for another agent id")
 
 
+def cert_info(cert: x509.Certificate, received_ms: int) -> dict[str, Any]:
+    """What the worker needs to schedule renewal (it never parses X.509 itself)."""
+    return {"serial": format(cert.serial_number, "x"),
+            "not_before": int(cert.not_valid_before_utc.timestamp() * 1000),
+            "not_after": int(cert.not_valid_after_utc.timestamp() * 1000),
+            "received": received_ms}
+
+
+def write_cert_info(state_dir: Path, pem: str | bytes, received_ms: int | None = None) -> dict[str, Any]:
+    data = pem.encode("ascii") if isinstance(pem, str) else pem
+    info = cert_info(x509.load_pem_x509_certificate(data),
+                     int(time.time() * 1000) if received_ms is None else received_ms)
+    write_private(state_dir / CERT_INFO_FILE, (json.dumps(info) + "\n").encode("ascii"), 0o644)
+    return info
+
+
 def enroll_once(args: dict[str, Any], key: ec.EllipticCurvePrivateKey, csr: str) -> str:
     """One `enroll.request`; returns the agent id after writing agent-id and agent.crt. Raises Pending,
     EnrollError, or OSError/ssl.SSLError/ValueError for a failed connection."""
@@ -170,6 +193,7 @@ def enroll_once(args: dict[str, Any], key: ec.EllipticCurvePrivateKey, csr: str)
     _check_certificate(result["certificate"], key, agent_id)
     write_private(state_dir / ID_FILE, (agent_id + "\n").encode("ascii"))
     write_private(state_dir / CERT_FILE, result["certificate"].encode("ascii"), 0o644)
+    write_cert_info(state_dir, result["certificate"])
     return agent_id
 
 
@@ -231,6 +255,61 @@ def new_key(state_dir: Path) -> int:
     return EXIT_OK
 
 
+def install(state_dir: Path, stdin: Any) -> int:
+    """Renewal: check the `enroll.renew` result (JSON on stdin) against agent.key.next and agent-id, then replace
+    agent.key and agent.crt (each atomically; the key first) and agent.crt.json. Prints the new cert info."""
+    try:
+        result = json.loads(stdin.read(MAX_REPLY_BYTES + 1))
+    except ValueError as exc:
+        raise EnrollError(f"--install: the enroll.renew result on stdin is not JSON: {exc}") from None
+    if not isinstance(result, dict) or not isinstance(result.get("certificate"), str) \
+            or not isinstance(result.get("agent_id"), str):
+        raise EnrollError("--install: the enroll.renew result has no agent_id and certificate")
+    next_key = state_dir / NEXT_KEY_FILE
+    if not next_key.is_file():
+        raise EnrollError(f"--install: no new key ({next_key}); run --new-key first")
+    key = serialization.load_pem_private_key(next_key.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise EnrollError(f"--install: {next_key} is not an EC key")
+    try:
+        current_id = (state_dir / ID_FILE).read_text().strip()
+    except OSError as exc:
+        raise EnrollError(f"--install: cannot read the agent id: {exc}") from None
+    if result["agent_id"] != current_id:
+        raise EnrollError(f"--install: the certificate is for agent {result['agent_id']}, this is {current_id}")
+    try:
+        _check_certificate(result["certificate"], key, current_id)
+    except ValueError as exc:
+        raise EnrollError(f"--install: the certificate cannot be read: {exc}") from None
+    # The host reads key and certificate at each connect; the live session keeps the old ones.
+    os.replace(next_key, state_dir / KEY_FILE)
+    write_private(state_dir / CERT_FILE, result["certificate"].encode("ascii"), 0o644)
+    info = write_cert_info(state_dir, result["certificate"])
+    sys.stdout.write(json.dumps(info) + "\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def show_cert_info(state_dir: Path) -> int:
+    """Write agent.crt.json for the certificate in place (e.g. enrolled before it existed) and print it."""
+    cert_path = state_dir / CERT_FILE
+    try:
+        pem = cert_path.read_bytes()
+        mtime_ms = int(cert_path.stat().st_mtime * 1000)
+    except OSError as exc:
+        raise EnrollError(f"--cert-info: cannot read {cert_path}: {exc}") from None
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise EnrollError(f"--cert-info: {cert_path} is not a PEM certificate: {exc}") from None
+    # When it was received is unknown: the file's mtime, but not before the certificate's start.
+    received = max(mtime_ms, int(cert.not_valid_before_utc.timestamp() * 1000))
+    info = write_cert_info(state_dir, pem, received)
+    sys.stdout.write(json.dumps(info) + "\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
 def _parse(argv: Sequence[str], environ: dict[str, str]) -> dict[str, Any]:
     opts: dict[str, str] = {}
     flags: set[str] = set()
@@ -247,17 +326,18 @@ def _parse(argv: Sequence[str], environ: dict[str, str]) -> dict[str, Any]:
                 value = items[i + 1]
                 i += 1
             opts[name] = value
-        elif arg in ("--new-key", "-h", "--help"):
+        elif arg in ("--new-key", "--install", "--cert-info", "-h", "--help"):
             flags.add(arg)
         else:
             raise EnrollError(f"unknown argument {arg!r}", EXIT_USAGE)
         i += 1
     if "-h" in flags or "--help" in flags:
         return {"help": True}
-    if "--new-key" in flags:
-        if "--state-dir" not in opts:
-            raise EnrollError("--new-key needs --state-dir", EXIT_USAGE)
-        return {"new_key": True, "state_dir": Path(opts["--state-dir"])}
+    for flag in ("--new-key", "--install", "--cert-info"):
+        if flag in flags:
+            if "--state-dir" not in opts:
+                raise EnrollError(f"{flag} needs --state-dir", EXIT_USAGE)
+            return {flag[2:].replace("-", "_"): True, "state_dir": Path(opts["--state-dir"])}
     args: dict[str, Any] = {}
     if "--config" in opts:
         from pyagent.runtime._config import load_config
@@ -313,6 +393,10 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
             return EXIT_OK
         if args.get("new_key"):
             return new_key(args["state_dir"])
+        if args.get("install"):
+            return install(args["state_dir"], sys.stdin)
+        if args.get("cert_info"):
+            return show_cert_info(args["state_dir"])
         return enroll(args)
     except EnrollError as exc:
         _say(str(exc) + ("\n" + USAGE if exc.exit_code == EXIT_USAGE else ""))

@@ -314,3 +314,19 @@ TEST_IMPL(proto_error_line_null_id) {
   pa_msg_free(&m);
   return 0;
 }
+
+TEST_IMPL(proto_error_line_invalid_utf8_message) {
+  /* A parser's message may quote bad bytes or be cut inside a UTF-8 character; the error reply must still be sent
+   * (it was NULL before: found by tests/fuzz/fuzz-msg), with the bad bytes replaced. */
+  const char cut[] = {'b', 'a', 'd', ' ', (char)0xC3, '\0'}; /* the first byte of a two-byte character, then the end */
+  char *line = pa_proto_error_line(NULL, PA_ERR_PARSE, cut, NULL);
+  size_t len = check_one_line(line);
+  pa_msg_t m;
+  char why[300] = "";
+  int rc = pa_msg_parse(&m, line, len, why, sizeof why);
+  free(line);
+  ASSERT_EQ(rc, 0);
+  ASSERT_STR_EQ(json_string_value(json_object_get(m.error, "message")), "bad ?");
+  pa_msg_free(&m);
+  return 0;
+}
