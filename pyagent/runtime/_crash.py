@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -35,6 +35,7 @@ from pyagent.runtime._log import log_event
 RECORD = "record.txt"
 PYTHON_TRACEBACK = "python-traceback.txt"
 HANG = "hang.txt"
+PYTHON_EXCEPTION = "python-exception.json"  # an error report the worker wrote itself (_crashreport.py)
 CRASHPAD_DB = "crashpad"
 COMPLETED = "completed"
 KEEP_COMPLETED = 20
@@ -74,7 +75,7 @@ class CrashReport:
 
     id: str  # the process directory's name, "<unix time>-<pid>"
     dir: Path
-    kind: str  # "crash" (record or minidump present) or "hang"
+    kind: str  # "crash" (record or minidump present), "python_exception" or "hang"
     files: tuple[ReportFile, ...]
     signal: int | None  # from the record, when there is one
     meta: Mapping[str, str]  # the record's key: value lines
@@ -155,8 +156,8 @@ def collect_pending(crash_dir: Path, exclude: Path | None = None) -> list[CrashR
                 signal = int(meta["signal"].split()[0])
             except ValueError:
                 signal = None
-        reports.append(CrashReport(proc_dir.name, proc_dir, "crash" if crashed else "hang", tuple(files), signal,
-                                   meta))
+        kind = "crash" if crashed else "python_exception" if PYTHON_EXCEPTION in names else "hang"
+        reports.append(CrashReport(proc_dir.name, proc_dir, kind, tuple(files), signal, meta))
     return reports
 
 
@@ -216,6 +217,8 @@ class CrashCapture:
         self._hang_file: BinaryIO | None = None
         self._hang_seen = 0
         self._watchdog: asyncio.Task[None] | None = None
+        # Called with the text of each hang the watchdog sees (the reporter turns it into a hang report).
+        self.on_hang: Callable[[str], None] | None = None
 
     def start(self, host: CrashHost | None) -> None:
         """Collect earlier reports, then install the handlers (faulthandler first, then the host's)."""
@@ -249,7 +252,9 @@ class CrashCapture:
         while True:
             faulthandler.dump_traceback_later(self.hang_timeout, repeat=True, file=self._hang_file)
             await asyncio.sleep(period)
-            self.check_hang()
+            text = self.check_hang()
+            if text is not None and self.on_hang is not None:
+                self.on_hang(text)
 
     def check_hang(self) -> str | None:
         """New hang text written since the last check (the loop was blocked), or None."""
@@ -288,6 +293,9 @@ class CrashCapture:
         if self._hang_file is not None:
             self._hang_file.close()
             self._hang_file = None
+            hang = self.proc_dir / HANG
+            if self.on_hang is not None and hang.exists() and hang.stat().st_size <= self._hang_seen:
+                hang.unlink()  # every hang in it was already reported on its own
         # The traceback file stays open: faulthandler (and the host's handler chaining to it) keep using its fd until
         # the process ends, and faulthandler.disable() would also take the host's handler away.
         if not _report_files(self.proc_dir):

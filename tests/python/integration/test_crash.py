@@ -175,6 +175,8 @@ def test_crash_leaves_dump_and_record(tmp_path: Path, pki: Path, kind: str, thre
         try:
             log = again.wait_log("crash.pending")
             assert report_dir.name in log
+            # A session means the runtime is up and owns SIGTERM; stopping before that is a start-up kill, not a stop.
+            wait_session(caller)
         finally:
             assert again.stop() == 0
     pending = collect_pending(agent.workdir / "state" / "crash")
