@@ -1,8 +1,11 @@
-/* pyagent-host: the agent host. `--version` is answered here without starting Python; everything else is the worker
- * (the supervisor comes with the updates work). */
+/* pyagent-host: the agent host. `--version` is answered here without starting Python; with no arguments but
+ * `--config FILE` it is the supervisor (csrc/supervisor.c, no Python); everything else is the worker or a task. */
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <unistd.h>
 
 #include <Python.h>
 #include <jansson.h>
@@ -10,7 +13,33 @@
 #include <uv.h>
 
 #include "embed.h"
+#include "supervisor.h"
 #include "worker.h"
+
+/* The supervisor runs when the arguments are only `--config FILE` / `--config=FILE` (or none); anything else
+ * (--foreground, check-config, --help, a typo) goes to the worker, which owns usage messages. */
+static int wants_supervisor(int argc, char **argv) {
+  for (int i = 1; i < argc; i++) {
+    if (strcmp(argv[i], "--config") == 0 && i + 1 < argc && argv[i + 1][0]) i++;
+    else if (strncmp(argv[i], "--config=", 9) != 0 || !argv[i][9]) return 0;
+  }
+  return 1;
+}
+
+/* A worker started by a supervisor dies with it (SIGTERM, the normal shutdown), so a new supervisor never finds an
+ * orphaned worker on its state directory. The variable is not passed on to the worker's own children. */
+static int follow_supervisor(void) {
+  const char *sup = getenv("PYAGENT_SUPERVISOR_PID");
+  if (!sup) return 0;
+  long pid = strtol(sup, NULL, 10);
+  unsetenv("PYAGENT_SUPERVISOR_PID");
+  if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0) return 0;
+  if (pid > 0 && getppid() != (pid_t)pid) {
+    fprintf(stderr, "pyagent-host: the supervisor (pid %ld) is gone; the worker does not start\n", pid);
+    return -1;
+  }
+  return 0;
+}
 
 int main(int argc, char **argv) {
   if (argc > 1 && (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0)) {
@@ -21,6 +50,8 @@ int main(int argc, char **argv) {
     return 0;
   }
   signal(SIGPIPE, SIG_IGN);
+  if (wants_supervisor(argc, argv)) return pa_supervisor_main(argc, argv);
+  if (follow_supervisor() != 0) return 1;
   /* Short-lived tasks of the same executable (DESIGN §2): heavy, rare work that must stay out of the worker. */
   if (argc > 1 && strcmp(argv[1], "enroll") == 0) return pa_embed_run_task(argc, argv, "pyagent.runtime.enroll");
   return pa_embed_run(argc, argv);

@@ -24,12 +24,14 @@ from typing import Any
 
 from pyagent.protocol import DEFAULT_MAX_FRAME_BYTES
 from pyagent.runtime._agent import Agent
+from pyagent.runtime._allow import AllowList
 from pyagent.runtime._bridge import Bridge, HostModule
 from pyagent.runtime._control import Controller
 from pyagent.runtime._dispatch import Dispatcher
 from pyagent.runtime._errors import PyagentRuntimeError, RuntimeStoppedError
 from pyagent.runtime._log import log_event
 from pyagent.runtime._outbox import OUTBOX_FILE, Outbox
+from pyagent.runtime._renew import Renewer
 
 CALLS_SHUTDOWN_TIMEOUT = 0.5  # seconds to let cancelled calls finish
 FINI_TIMEOUT = 0.6  # seconds for all fini() hooks together
@@ -50,7 +52,8 @@ class Runtime:
     def __init__(self, host: HostModule, agents: Mapping[str, Agent], host_config: Mapping[str, Any], *,
                  max_concurrent_calls: int = 64, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  state_dir: Path | None = None, outbox_max_events: int = 10_000,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, renewer: Renewer | None = None,
+                 allow: AllowList | None = None) -> None:
         self.host = host
         self.agents = dict(agents)
         self.exit_code = EXIT_OK
@@ -59,6 +62,9 @@ class Runtime:
                              max_events=outbox_max_events, max_batch_bytes=max_frame_bytes // 2)
         self.controller = Controller(self.agents, request_exit=self._exit, rng=rng)
         self._outbox_task: asyncio.Task[None] | None = None
+        self.allow = allow  # the local allow-list (`_allow.py`); None: every existing kind (embedding, tests)
+        self.renewer = renewer  # certificate renewal over the live session (`_renew.py`), None: off
+        self._renew_task: asyncio.Task[None] | None = None
         for agent in self.agents.values():
             agent.__dict__["_pyagent_emit"] = self.outbox.put
         self.host_config = host_config
@@ -137,7 +143,8 @@ class Runtime:
             if not await self._init_agents():
                 return EXIT_FAILURE if not self._stop_requested else EXIT_OK
             self._dispatcher = Dispatcher(self.agents, self._send, max_concurrent_calls=self.max_concurrent_calls,
-                                          max_frame_bytes=self.max_frame_bytes, controller=self.controller)
+                                          max_frame_bytes=self.max_frame_bytes, controller=self.controller,
+                                          allow=self.allow)
             bridge = Bridge(self.host, loop, self._dispatcher.handle_line)
             bridge.start(json.dumps(self.host_config))
             self._bridge = bridge
@@ -147,6 +154,9 @@ class Runtime:
             self._outbox_task = loop.create_task(
                 self.outbox.deliver(dispatcher.request, lambda: bool(dispatcher.sessions), dispatcher.session_changed),
                 name="outbox")
+            if self.renewer is not None:
+                self._renew_task = loop.create_task(
+                    self.renewer.run(dispatcher.request, lambda: bool(dispatcher.sessions)), name="cert-renewal")
             self._started.set()
             log_event(_log, logging.INFO, "runtime.started", "runtime started", agents=",".join(self.agents),
                       host_version=self.host.version())
@@ -218,6 +228,10 @@ class Runtime:
             self._outbox_task.cancel()
             await asyncio.wait({self._outbox_task}, timeout=0.2)
             self._outbox_task = None
+        if self._renew_task is not None:
+            self._renew_task.cancel()
+            await asyncio.wait({self._renew_task}, timeout=3.5)  # an --install in progress finishes (bounded)
+            self._renew_task = None
         if bridge is not None:
             bridge.detach()
         if self._dispatcher is not None:

@@ -1,6 +1,6 @@
 """The worker's entry point: `pyagent-host` calls `main(argv)` once the interpreter is up.
 
-    pyagent-host [--version] [--config FILE] [--foreground] [check-config]
+    pyagent-host [--version] [--config FILE] [--foreground] [check-config [--json] [--no-bundles]]
 
 `main` never lets an exception (or SystemExit) escape: it returns the process exit code — 0 clean stop, 1 runtime
 failure, 2 bad usage or bad config (with a message on stderr naming the file and the problem).
@@ -9,6 +9,7 @@ failure, 2 bad usage or bad config (with a message on stderr naming the file and
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import platform
@@ -24,10 +25,13 @@ from typing import Any
 from pyagent.runtime._bridge import HostModule, import_host
 from pyagent.runtime._bundle import Bundle, load_bundles
 from pyagent.runtime._config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
+from pyagent.runtime._control import describe
 from pyagent.runtime._crash import CrashCapture, annotations_for, find_handler
+from pyagent.runtime._crashreport import CrashReporter
 from pyagent.runtime._errors import BundleError, ConfigError, HostError, IdentityError
 from pyagent.runtime._identity import load_or_create_agent_id
 from pyagent.runtime._log import LogSetup, log_event
+from pyagent.runtime._renew import Renewer
 from pyagent.runtime._runtime import Runtime
 
 EXIT_OK = 0
@@ -38,11 +42,15 @@ FEATURES = {"bundle.call": 1}
 CONFIG_ENV = "PYAGENT_CONFIG"
 
 USAGE = """\
-usage: pyagent-host [--version] [--config FILE] [--foreground] [check-config]
+usage: pyagent-host [--version] [--config FILE] [--foreground] [check-config [--json] [--no-bundles]]
 
   --config FILE   agent config (default: $PYAGENT_CONFIG, else /etc/pyagent/agent.toml)
-  --foreground    run the worker without a supervisor (the only mode for now)
+  (no command)    run the supervisor, which runs the worker and restarts it (exit 3: another supervisor holds
+                  the state directory's lock)
+  --foreground    run the worker alone, without a supervisor (also --no-supervisor)
   check-config    validate the config and the bundles, print "config ok: FILE" and exit
+    --json        print the resolved settings the supervisor needs as one JSON object instead
+    --no-bundles  check the config file only (the supervisor: a bundle must not stop it from starting)
   --version       print the host version and exit"""
 
 _log = logging.getLogger("pyagent.runtime")
@@ -57,6 +65,8 @@ class Args:
     config: str | None = None
     foreground: bool = False
     command: str | None = None
+    json: bool = False
+    no_bundles: bool = False
     help: bool = False
     version: bool = False
 
@@ -83,6 +93,10 @@ def parse_args(argv: Sequence[str]) -> Args:
             args.help = True
         elif arg == "--version":
             args.version = True
+        elif arg == "--json":
+            args.json = True
+        elif arg == "--no-bundles":
+            args.no_bundles = True
         elif arg == "check-config":
             if args.command is not None:
                 raise _UsageError(f"unexpected argument '{arg}'")
@@ -92,7 +106,32 @@ def parse_args(argv: Sequence[str]) -> Args:
         else:
             raise _UsageError(f"unknown command '{arg}'")
         i += 1
+    if (args.json or args.no_bundles) and args.command != "check-config":
+        raise _UsageError(f"{'--json' if args.json else '--no-bundles'} goes with check-config")
     return args
+
+
+def supervisor_settings(config: AgentConfig) -> dict[str, Any]:
+    """What `check-config --json` prints for the supervisor (csrc/supervisor.c reads exactly these keys)."""
+    sup = config.supervisor
+    return {"config": str(config.path), "state_dir": str(config.state_dir), "log_level": config.log_level,
+            "supervisor": {"max_rss_mb": sup.max_rss_mb, "max_cpu_percent": sup.max_cpu_percent,
+                           "check_interval_ms": sup.check_interval_ms, "restart_min_ms": sup.restart_min_ms,
+                           "restart_max_ms": sup.restart_max_ms, "stable_ms": sup.stable_ms,
+                           "crash_loop_count": sup.crash_loop_count,
+                           "crash_loop_window_ms": sup.crash_loop_window_ms,
+                           "stop_timeout_ms": sup.stop_timeout_ms}}
+
+
+def _print_settings(config: AgentConfig | None, error: str | None) -> None:
+    """`check-config --json`: one JSON object on stdout; `ok` false with `error` when the config or a bundle is bad
+    (the settings are still there when the file itself parsed, so the supervisor can run and retry the worker)."""
+    doc: dict[str, Any] = {"ok": error is None}
+    if error is not None:
+        doc["error"] = error
+    if config is not None:
+        doc.update(supervisor_settings(config))
+    _print_out(json.dumps(doc))
 
 
 def build_hello_params(config: AgentConfig, agent_id: str, bundles: Sequence[Bundle],
@@ -107,6 +146,8 @@ def build_hello_params(config: AgentConfig, agent_id: str, bundles: Sequence[Bun
         "platform": {"system": platform.system(), "release": platform.release(), "machine": platform.machine(),
                      "hostname": socket.gethostname()},
         "labels": dict(config.labels),
+        # The interface of every agent object (methods, config, periodic, capabilities): the endpoint keeps it.
+        "interface": describe({name: agent for bundle in bundles for name, agent in bundle.agents.items()})["agents"],
     }
 
 
@@ -177,7 +218,15 @@ def _main(argv: list[str], host: HostModule | None, environ: Mapping[str, str]) 
         config = load_config(config_path, environ)
     except ConfigError as exc:
         _print_err(f"pyagent-host: config error: {exc}")
+        if args.json:
+            _print_settings(None, str(exc))
         return EXIT_USAGE
+    if args.no_bundles:
+        if args.json:
+            _print_settings(config, None)
+        else:
+            _print_out(f"config ok: {config.path} (bundles not checked)")
+        return EXIT_OK
 
     saved_path = list(sys.path)
     sys.path.extend(str(p) for p in config.python_path if str(p) not in sys.path)
@@ -188,15 +237,22 @@ def _main(argv: list[str], host: HostModule | None, environ: Mapping[str, str]) 
         except BundleError as exc:
             _print_err(f"pyagent-host: config error: {config.path}: {exc}")
             log_event(_log, logging.ERROR, "bundle.failed", str(exc))
+            if args.json:
+                _print_settings(config, f"{config.path}: {exc}")
             return EXIT_USAGE
         try:
             apply_agent_configs(config, bundles)
         except ConfigError as exc:
             _print_err(f"pyagent-host: config error: {exc}")
             log_event(_log, logging.ERROR, "agent.config.failed", str(exc))
+            if args.json:
+                _print_settings(config, str(exc))
             return EXIT_USAGE
         if args.command == "check-config":
-            _print_out(f"config ok: {config.path}")
+            if args.json:
+                _print_settings(config, None)
+            else:
+                _print_out(f"config ok: {config.path}")
             return EXIT_OK
         if config.auth == "certificate" and not config.cert_file.exists():
             if not config.token:
@@ -298,6 +354,9 @@ def run_enrollment(config: AgentConfig, environ: Mapping[str, str]) -> int | Non
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    if stop:  # SIGTERM/SIGINT arrived as the enroll process finished: honour it rather than start serving
+        log_event(_log, logging.INFO, "enroll.stopped", "stopped while enrolling", exit_code=code)
+        return None
     if code != EXIT_OK or not config.cert_file.exists():
         log_event(_log, logging.ERROR, "enroll.failed", f"enrollment failed (exit code {code}); see the message above",
                   exit_code=code)
@@ -346,16 +405,30 @@ def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
 async def _serve(host: HostModule, config: AgentConfig, bundles: Sequence[Bundle],
                  host_config: Mapping[str, Any], crash: CrashCapture | None = None) -> int:
     agents = {name: agent for bundle in bundles for name, agent in bundle.agents.items()}
+    renewer = Renewer(config.state_dir, [host_executable(), "enroll"]) if config.auth == "certificate" else None
     runtime = Runtime(host, agents, host_config, max_concurrent_calls=config.limits.max_concurrent_calls,
-                      max_frame_bytes=config.limits.max_frame_bytes, state_dir=config.state_dir)
+                      max_frame_bytes=config.limits.max_frame_bytes, state_dir=config.state_dir, renewer=renewer,
+                      allow=config.allow)
     if crash is None:
         return await runtime.run()
     crash.start_watchdog()
+    reporter = CrashReporter(crash)  # uploads pending reports; reports Python errors and hangs (_crashreport.py)
+    reporter.install()
+    uploads = asyncio.get_running_loop().create_task(_upload_reports(runtime, reporter), name="crash-upload")
     try:
         return await runtime.run()
     finally:
+        uploads.cancel()
+        await asyncio.wait({uploads}, timeout=0.5)
         await crash.stop_watchdog()
         crash.close()
+        reporter.uninstall()
+
+
+async def _upload_reports(runtime: Runtime, reporter: CrashReporter) -> None:
+    await runtime.wait_started()
+    dispatcher = runtime.dispatcher
+    await reporter.run(dispatcher.request, lambda: bool(dispatcher.sessions))
 
 
 def _start_crash_capture(host: HostModule, config: AgentConfig, agent_id: str,

@@ -38,6 +38,7 @@ TEST_DECLARE(proto_huge_integer)
 TEST_DECLARE(proto_integer_beyond_double)
 TEST_DECLARE(proto_builders_round_trip)
 TEST_DECLARE(proto_error_line_null_id)
+TEST_DECLARE(proto_error_line_invalid_utf8_message)
 
 TEST_DECLARE(tls_handshake_echo_hostname)
 TEST_DECLARE(tls_handshake_echo_ip)
@@ -66,6 +67,14 @@ TEST_DECLARE(hostcfg_bad_log_level)
 TEST_DECLARE(hostcfg_bad_number)
 TEST_DECLARE(hostcfg_hello_invalid)
 TEST_DECLARE(hostcfg_not_json)
+
+TEST_DECLARE(supervisor_settings_full)
+TEST_DECLARE(supervisor_settings_bad_bundle_still_runs)
+TEST_DECLARE(supervisor_settings_errors)
+TEST_DECLARE(supervisor_classify)
+TEST_DECLARE(supervisor_crash_loop_window)
+TEST_DECLARE(supervisor_proc_parse)
+TEST_DECLARE(supervisor_restarts_bounded)
 
 typedef struct pa_task_entry_s {
   const char *name;
@@ -111,6 +120,7 @@ TASK_LIST_START
   TEST_ENTRY(proto_integer_beyond_double)
   TEST_ENTRY(proto_builders_round_trip)
   TEST_ENTRY(proto_error_line_null_id)
+  TEST_ENTRY(proto_error_line_invalid_utf8_message)
 
   TEST_ENTRY(tls_handshake_echo_hostname)
   TEST_ENTRY(tls_handshake_echo_ip)
@@ -139,4 +149,12 @@ TASK_LIST_START
   TEST_ENTRY(hostcfg_bad_number)
   TEST_ENTRY(hostcfg_hello_invalid)
   TEST_ENTRY(hostcfg_not_json)
+
+  TEST_ENTRY(supervisor_settings_full)
+  TEST_ENTRY(supervisor_settings_bad_bundle_still_runs)
+  TEST_ENTRY(supervisor_settings_errors)
+  TEST_ENTRY(supervisor_classify)
+  TEST_ENTRY(supervisor_crash_loop_window)
+  TEST_ENTRY(supervisor_proc_parse)
+  TEST_ENTRY(supervisor_restarts_bounded)
 TASK_LIST_END

@@ -133,7 +133,7 @@ class InstalledAgent:
         with open(log, "ab") as f:
             self.proc = subprocess.Popen(
                 [shutil.which("chroot") or "/usr/sbin/chroot", f"--userspec={self.uid}:{self.gid}", f"--groups={self.gid}", str(root.path),
-                 "/usr/lib/pyagent/bin/pyagent-host", "--foreground", "--config", "/etc/pyagent/agent.toml"],
+                 "/usr/lib/pyagent/bin/pyagent-host", "--config", "/etc/pyagent/agent.toml"],
                 env={"PATH": "/usr/bin:/bin", "HOME": "/var/lib/pyagent", "LC_ALL": "C.UTF-8"},
                 stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, cwd="/")
 
@@ -148,8 +148,14 @@ class InstalledAgent:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def worker_pid(self) -> int:
+        """The unit starts the supervisor; the worker is its child."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return wait_for(lambda: int(children.read_text().split()[0]) if children.read_text().split() else 0, 10,
+                        "the supervisor to start the worker")
+
     def rss_kb(self) -> int:
-        return _rss_kb(self.proc.pid)
+        return _rss_kb(self.worker_pid())
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -226,7 +232,7 @@ def test_deb_install_run_upgrade_remove_purge(root: Root, endpoint: EndpointProc
     for line in ("User=pyagent", "Restart=always", "NoNewPrivileges=yes", "ProtectSystem=strict",
                  "ProtectHome=yes", "PrivateTmp=yes", "ReadWritePaths=/var/lib/pyagent /var/log/pyagent",
                  "CapabilityBoundingSet=\n",
-                 "ExecStart=/usr/lib/pyagent/bin/pyagent-host --foreground --config /etc/pyagent/agent.toml"):
+                 "ExecStart=/usr/lib/pyagent/bin/pyagent-host --config /etc/pyagent/agent.toml"):
         assert line in unit, line
     if shutil.which("systemd-analyze"):
         verify = subprocess.run(["systemd-analyze", "verify", f"--root={root.path}", "pyagent.service"],
@@ -245,7 +251,8 @@ def test_deb_install_run_upgrade_remove_purge(root: Root, endpoint: EndpointProc
     venv_agent: AgentProc | None = None
     try:
         agent_id = installed.agent_id()
-        assert _uid_of(installed.proc.pid) == installed.uid
+        assert _uid_of(installed.proc.pid) == installed.uid  # the supervisor
+        assert _uid_of(installed.worker_pid()) == installed.uid  # and the worker it started
         assert root.stat("/var/lib/pyagent/agent-id")[1] == "pyagent"
         endpoint.wait_connected(agent_id)
         assert endpoint.call(agent_id, "hello.greet", {"name": "deb"}) == {"result": "Hello, deb!"}

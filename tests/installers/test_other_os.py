@@ -63,7 +63,7 @@ def test_launchd_plist() -> None:
         plist = plistlib.load(f)
     assert plist["Label"] == "com.pyagent.agent"
     assert plist["UserName"] == "_pyagent" and plist["KeepAlive"] is True and plist["RunAtLoad"] is True
-    assert plist["ProgramArguments"] == ["/usr/local/pyagent/bin/pyagent-host", "--foreground", "--config",
+    assert plist["ProgramArguments"] == ["/usr/local/pyagent/bin/pyagent-host", "--config",
                                          "/Library/Application Support/pyagent/agent.toml"]
     build = (INSTALLERS / "macos" / "build-pkg.sh").read_text()
     assert '"$root/usr/local/pyagent/"' in build and "com.pyagent.agent.plist" in build

@@ -1,0 +1,937 @@
+/* The supervisor: one libuv loop, no Python, no threads. It reads its settings once from a short-lived
+ * `pyagent-host check-config --json` (Python stays the only TOML parser), takes the instance lock, then runs the
+ * worker and restarts it until told to stop.
+ *
+ * Where staged updates (issue 4, items 3-5) plug in without restructuring — each seam is marked "SEAM" below:
+ *   - worker_executable(): today /proc/self/exe; with updates, STATE/host/current/pyagent-host (versioned directories
+ *     and a `current` symlink swapped with rename(2)), falling back to the installed binary.
+ *   - before_worker_start(): where a staged update is swapped in (and the probation clock started) before a spawn.
+ *   - on_stable(): "no crash for stable_ms" is the probation verdict; a pending update is committed there.
+ *   - after_worker_exit(): an abnormal exit during probation rolls back (swap `current` back, reason "rolled_back")
+ *     before the ordinary restart policy runs.
+ * The signals, the lock, the caps and the restart log stay as they are. */
+#include "supervisor.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <jansson.h>
+#include <uv.h>
+
+#include "backoff.h"
+#include "log.h"
+#include "worker.h" /* PA_HOST_VERSION */
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* Settings                                                                                                         */
+
+static int get_u64(json_t *obj, const char *key, uint64_t lo, uint64_t hi, uint64_t *out, char *err, size_t cap) {
+  json_t *v = json_object_get(obj, key);
+  if (!v) {
+    snprintf(err, cap, "supervisor settings: missing key 'supervisor.%s'", key);
+    return -1;
+  }
+  if (!json_is_integer(v) || json_integer_value(v) < 0 || (uint64_t)json_integer_value(v) < lo ||
+      (uint64_t)json_integer_value(v) > hi) {
+    snprintf(err, cap, "supervisor settings: key 'supervisor.%s' must be an integer between %" PRIu64 " and %" PRIu64,
+             key, lo, hi);
+    return -1;
+  }
+  *out = (uint64_t)json_integer_value(v);
+  return 0;
+}
+
+static char *dup_string(json_t *obj, const char *key) {
+  const char *v = json_string_value(json_object_get(obj, key));
+  return v && *v ? strdup(v) : NULL;
+}
+
+int pa_sup_settings_parse(const char *text, size_t len, pa_sup_settings_t *s, char *err, size_t cap) {
+  memset(s, 0, sizeof *s);
+  json_error_t jerr;
+  json_t *doc = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
+  if (!doc) {
+    snprintf(err, cap, "supervisor settings: invalid JSON at line %d column %d: %s", jerr.line, jerr.column,
+             jerr.text);
+    return -1;
+  }
+  int rc = -1;
+  if (!json_is_object(doc)) {
+    snprintf(err, cap, "supervisor settings: not a JSON object");
+    goto done;
+  }
+  json_t *ok = json_object_get(doc, "ok");
+  if (!json_is_boolean(ok)) {
+    snprintf(err, cap, "supervisor settings: missing boolean key 'ok'");
+    goto done;
+  }
+  s->config_ok = json_is_true(ok);
+  s->error = dup_string(doc, "error");
+  json_t *sup = json_object_get(doc, "supervisor");
+  if (!json_is_string(json_object_get(doc, "state_dir"))) {
+    /* No settings at all: the config file itself is bad; its message is the error. */
+    snprintf(err, cap, "%s", s->error ? s->error : "supervisor settings: missing key 'state_dir'");
+    goto done;
+  }
+  s->config = dup_string(doc, "config");
+  s->state_dir = dup_string(doc, "state_dir");
+  if (!s->config || !s->state_dir || s->config[0] != '/' || s->state_dir[0] != '/') {
+    snprintf(err, cap, "supervisor settings: 'config' and 'state_dir' must be absolute paths");
+    goto done;
+  }
+  const char *level = json_string_value(json_object_get(doc, "log_level"));
+  s->log_level = level ? pa_log_level_from_name(level) : -1;
+  if (s->log_level < 0) {
+    snprintf(err, cap, "supervisor settings: key 'log_level' must be debug, info, warning or error");
+    goto done;
+  }
+  if (!json_is_object(sup)) {
+    snprintf(err, cap, "supervisor settings: missing object 'supervisor'");
+    goto done;
+  }
+  uint64_t rss_mb, loop_count;
+  if (get_u64(sup, "max_rss_mb", 0, 1u << 20, &rss_mb, err, cap) ||
+      get_u64(sup, "check_interval_ms", 100, 3600000, &s->check_interval_ms, err, cap) ||
+      get_u64(sup, "restart_min_ms", 1, 3600000, &s->restart_min_ms, err, cap) ||
+      get_u64(sup, "restart_max_ms", 1, 86400000, &s->restart_max_ms, err, cap) ||
+      get_u64(sup, "stable_ms", 0, 86400000, &s->stable_ms, err, cap) ||
+      get_u64(sup, "crash_loop_count", 1, PA_SUP_CRASH_LOOP_MAX, &loop_count, err, cap) ||
+      get_u64(sup, "crash_loop_window_ms", 1000, 86400000, &s->crash_loop_window_ms, err, cap) ||
+      get_u64(sup, "stop_timeout_ms", 100, 600000, &s->stop_timeout_ms, err, cap))
+    goto done;
+  s->max_rss_kb = rss_mb * 1024;
+  s->crash_loop_count = (unsigned)loop_count;
+  json_t *cpu = json_object_get(sup, "max_cpu_percent");
+  if (!json_is_number(cpu) || json_number_value(cpu) < 0 || json_number_value(cpu) > 100000) {
+    snprintf(err, cap, "supervisor settings: key 'supervisor.max_cpu_percent' must be a number between 0 and 100000");
+    goto done;
+  }
+  s->max_cpu_percent = json_number_value(cpu);
+  if (s->restart_max_ms < s->restart_min_ms) {
+    snprintf(err, cap, "supervisor settings: 'supervisor.restart_max_ms' is less than 'supervisor.restart_min_ms'");
+    goto done;
+  }
+  rc = 0;
+done:
+  json_decref(doc);
+  if (rc != 0) pa_sup_settings_free(s);
+  return rc;
+}
+
+void pa_sup_settings_free(pa_sup_settings_t *s) {
+  free(s->config);
+  free(s->state_dir);
+  free(s->error);
+  s->config = s->state_dir = s->error = NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* Policy (pure)                                                                                                    */
+
+static int is_core_signal(int sig) {
+  return sig == SIGSEGV || sig == SIGABRT || sig == SIGBUS || sig == SIGILL || sig == SIGFPE || sig == SIGSYS ||
+         sig == SIGTRAP || sig == SIGQUIT;
+}
+
+const char *pa_sup_classify(int64_t exit_status, int term_signal, const char *killed_for, int stopping,
+                            pa_sup_action_t *action, int *abnormal) {
+  *abnormal = 0;
+  if (stopping) {
+    *action = PA_SUP_STOP;
+    return "stopping";
+  }
+  if (killed_for) {
+    *action = PA_SUP_RESTART_BACKOFF;
+    *abnormal = 1;
+    return killed_for;
+  }
+  if (term_signal) {
+    *action = PA_SUP_RESTART_BACKOFF;
+    *abnormal = 1;
+    return is_core_signal(term_signal) ? "crash" : "signal";
+  }
+  switch (exit_status) {
+    case 0:
+      *action = PA_SUP_STOP;
+      return "stopped";
+    case PA_WORKER_EXIT_RESTART:
+      *action = PA_SUP_RESTART_NOW;
+      return "restart_requested";
+    case PA_WORKER_EXIT_CONFIG:
+      *action = PA_SUP_RESTART_SLOW;
+      *abnormal = 1;
+      return "config_error";
+    case PA_WORKER_EXIT_REFUSED:
+      *action = PA_SUP_RESTART_SLOW;
+      *abnormal = 1;
+      return "enroll_refused";
+    default:
+      *action = PA_SUP_RESTART_BACKOFF;
+      *abnormal = 1;
+      return "exit";
+  }
+}
+
+int pa_sup_crashes_note(pa_sup_crashes_t *c, uint64_t now_ms, unsigned count, uint64_t window_ms) {
+  if (c->n == PA_SUP_CRASH_LOOP_MAX) {
+    memmove(c->at_ms, c->at_ms + 1, (PA_SUP_CRASH_LOOP_MAX - 1) * sizeof c->at_ms[0]);
+    c->n--;
+  }
+  c->at_ms[c->n++] = now_ms;
+  unsigned drop = 0;
+  while (drop < c->n && now_ms - c->at_ms[drop] > window_ms) drop++;
+  if (drop) {
+    memmove(c->at_ms, c->at_ms + drop, (c->n - drop) * sizeof c->at_ms[0]);
+    c->n -= drop;
+  }
+  return count > 0 && c->n >= count;
+}
+
+int pa_sup_parse_statm(const char *text, uint64_t *resident_pages) {
+  unsigned long long size, resident;
+  if (sscanf(text, "%llu %llu", &size, &resident) != 2) return -1;
+  *resident_pages = resident;
+  return 0;
+}
+
+int pa_sup_parse_stat(const char *text, uint64_t *cpu_ticks) {
+  /* "pid (comm) state ppid ...": comm may hold spaces and parentheses, so fields are counted after the last ')'. */
+  const char *p = strrchr(text, ')');
+  if (!p) return -1;
+  p++;
+  unsigned long long utime = 0, stime = 0;
+  for (int field = 3; field <= 15; field++) {
+    while (*p == ' ') p++;
+    if (!*p) return -1;
+    char *end;
+    if (field == 14 || field == 15) {
+      errno = 0;
+      unsigned long long v = strtoull(p, &end, 10);
+      if (end == p || errno) return -1;
+      if (field == 14) utime = v;
+      else stime = v;
+      p = end;
+    } else {
+      while (*p && *p != ' ') p++;
+    }
+  }
+  *cpu_ticks = utime + stime;
+  return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* The bounded restart log                                                                                          */
+
+/* Read a whole (small) file; NULL on error. The caller frees. */
+static char *read_file(const char *path, size_t limit, size_t *len) {
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return NULL;
+  size_t cap = 4096, n = 0;
+  char *buf = malloc(cap + 1);
+  while (buf) {
+    if (n == cap) {
+      if (cap >= limit) break;
+      char *bigger = realloc(buf, cap * 2 + 1);
+      if (!bigger) {
+        free(buf);
+        buf = NULL;
+        break;
+      }
+      buf = bigger;
+      cap *= 2;
+    }
+    ssize_t r = read(fd, buf + n, cap - n);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) {
+      free(buf);
+      buf = NULL;
+      break;
+    }
+    if (r == 0) break;
+    n += (size_t)r;
+  }
+  close(fd);
+  if (buf) {
+    buf[n] = '\0';
+    *len = n;
+  }
+  return buf;
+}
+
+static int write_all(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    ssize_t w = write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return -1;
+    p += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+static int compact(const char *path, size_t keep) {
+  size_t len;
+  char *buf = read_file(path, 4 * PA_SUP_RESTARTS_MAX_BYTES + keep, &len);
+  if (!buf) return -errno;
+  size_t start = len > keep ? len - keep : 0;
+  if (start > 0) {
+    const char *nl = memchr(buf + start, '\n', len - start);
+    start = nl ? (size_t)(nl - buf) + 1 : len;
+  }
+  char tmp[PATH_MAX];
+  if (snprintf(tmp, sizeof tmp, "%s.%ld.tmp", path, (long)getpid()) >= (int)sizeof tmp) {
+    free(buf);
+    return -ENAMETOOLONG;
+  }
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  int rc = fd < 0 ? -errno : 0;
+  if (rc == 0 && write_all(fd, buf + start, len - start) != 0) rc = -errno ? -errno : -EIO;
+  if (fd >= 0 && close(fd) != 0 && rc == 0) rc = -errno;
+  if (rc == 0 && rename(tmp, path) != 0) rc = -errno;
+  if (rc != 0) unlink(tmp);
+  free(buf);
+  return rc;
+}
+
+int pa_sup_append_bounded(const char *path, const char *line, size_t max_bytes) {
+  size_t n = strlen(line);
+  if (n + 1 > max_bytes / 2) return -EMSGSIZE;
+  struct stat st;
+  if (stat(path, &st) == 0 && (size_t)st.st_size + n + 1 > max_bytes) {
+    int rc = compact(path, max_bytes / 2 - n - 1);
+    if (rc != 0) return rc;
+  }
+  int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (fd < 0) return -errno;
+  /* One write(2) of the line and its newline: a reader never sees half a record. */
+  char *rec = malloc(n + 1);
+  int rc = 0;
+  if (!rec) {
+    rc = -ENOMEM;
+  } else {
+    memcpy(rec, line, n);
+    rec[n] = '\n';
+    if (write_all(fd, rec, n + 1) != 0) rc = errno ? -errno : -EIO;
+    free(rec);
+  }
+  if (close(fd) != 0 && rc == 0) rc = -errno;
+  return rc;
+}
+
+uint64_t pa_sup_last_seq(const char *path) {
+  size_t len;
+  char *buf = read_file(path, 4 * PA_SUP_RESTARTS_MAX_BYTES, &len);
+  if (!buf) return 0;
+  uint64_t seq = 0;
+  char *save = NULL;
+  for (char *line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+    json_t *rec = json_loads(line, 0, NULL);
+    json_t *v = json_object_get(rec, "seq");
+    if (json_is_integer(v) && json_integer_value(v) > 0 && (uint64_t)json_integer_value(v) > seq)
+      seq = (uint64_t)json_integer_value(v);
+    json_decref(rec);
+  }
+  free(buf);
+  return seq;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
+/* The process                                                                                                      */
+
+typedef struct pa__sup_s {
+  uv_loop_t *loop;
+  pa_sup_settings_t set;
+  char exe[PATH_MAX];
+  char restarts_path[PATH_MAX];
+  int lock_fd;
+  uv_signal_t sig_term, sig_int, sig_hup;
+  uv_timer_t restart_timer; /* the delay before the next start */
+  uv_timer_t kill_timer;    /* SIGTERM sent: SIGKILL when it fires */
+  uv_timer_t check_timer;   /* RSS/CPU caps */
+  uv_timer_t stable_timer;  /* the worker has run stable_ms */
+  uv_process_t proc;
+  int proc_open;            /* proc is initialised and not yet closed */
+  int running;              /* proc is a live child */
+  int pid;
+  int stopping;
+  const char *killed_for;   /* the cap enforced on the running worker, or NULL */
+  char cap_detail[160];
+  uint64_t started_ms;      /* uv_now() at the last spawn */
+  uint64_t restarts;        /* since the supervisor started */
+  uint64_t seq;             /* of the last record in restarts.jsonl */
+  pa_backoff_t backoff;
+  pa_sup_crashes_t crashes;
+  /* the last exit, between the exit callback and the close callback */
+  int64_t exit_status;
+  int term_signal;
+  /* cap sampling */
+  long clk_tck;
+  uint64_t page_kb;
+  uint64_t last_ticks, last_sample_ms, rss_kb;
+  int have_sample;
+  unsigned cpu_over;
+} pa__sup_t;
+
+static void start_worker(pa__sup_t *s);
+static void on_proc_closed(uv_handle_t *h);
+
+static uint64_t wall_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void iso_time(uint64_t ms, char *buf, size_t cap) {
+  time_t t = (time_t)(ms / 1000);
+  struct tm tm;
+  gmtime_r(&t, &tm);
+  snprintf(buf, cap, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+           tm.tm_min, tm.tm_sec, (int)(ms % 1000));
+}
+
+/* SEAM (updates): the binary to run. Later: STATE/host/current/pyagent-host when a host update is installed. */
+static const char *worker_executable(pa__sup_t *s) { return s->exe; }
+
+/* SEAM (updates): swap in a staged update (rename the `current` link) and start its probation before a spawn. */
+static void before_worker_start(pa__sup_t *s) { (void)s; }
+
+static void close_all(uv_handle_t *h, void *arg) {
+  (void)arg;
+  if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+/* Stop everything: uv_run returns once the handles are closed. Never called while the worker's handle is open. */
+static void finish(pa__sup_t *s) {
+  pa_log(PA_LOG_INFO, "supervisor.stopped", "restarts=%" PRIu64, s->restarts);
+  uv_walk(s->loop, close_all, NULL);
+}
+
+static void kill_worker(pa__sup_t *s, int sig) {
+  if (!s->running) return;
+  int rc = uv_process_kill(&s->proc, sig);
+  if (rc != 0 && rc != UV_ESRCH)
+    pa_log(PA_LOG_ERROR, "supervisor.kill.failed", "pid=%d signal=%d error=%s", s->pid, sig, uv_strerror(rc));
+}
+
+static void on_kill_timeout(uv_timer_t *t) {
+  pa__sup_t *s = t->data;
+  if (!s->running) return;
+  pa_log(PA_LOG_WARNING, "supervisor.worker.kill", "pid=%d stop_timeout_ms=%" PRIu64 " reason=%s", s->pid,
+         s->set.stop_timeout_ms, s->stopping ? "stopping" : s->killed_for ? s->killed_for : "unknown");
+  kill_worker(s, SIGKILL);
+}
+
+/* SIGTERM now, SIGKILL after stop_timeout_ms. */
+static void terminate_worker(pa__sup_t *s) {
+  kill_worker(s, SIGTERM);
+  if (s->running && !uv_is_active((uv_handle_t *)&s->kill_timer))
+    uv_timer_start(&s->kill_timer, on_kill_timeout, s->set.stop_timeout_ms, 0);
+}
+
+static void stop(pa__sup_t *s, int signum) {
+  if (!s->stopping)
+    pa_log(PA_LOG_INFO, "supervisor.stopping", "signal=%d worker_pid=%d", signum, s->running ? s->pid : 0);
+  s->stopping = 1;
+  uv_timer_stop(&s->restart_timer);
+  if (s->running) terminate_worker(s);
+  else if (!s->proc_open) finish(s);
+  /* else: the worker has exited and its handle is closing; on_proc_closed finishes. */
+}
+
+static void on_signal(uv_signal_t *h, int signum) {
+  pa__sup_t *s = h->data;
+  if (signum == SIGHUP) {
+    kill_worker(s, SIGHUP); /* the worker reopens its log; the supervisor logs to stderr only */
+    return;
+  }
+  stop(s, signum);
+}
+
+/* ---- caps ---- */
+
+static void enforce_cap(pa__sup_t *s, const char *which) {
+  s->killed_for = which;
+  pa_log(PA_LOG_WARNING, "supervisor.cap", "reason=%s pid=%d %s", which, s->pid, s->cap_detail);
+  uv_timer_stop(&s->check_timer);
+  terminate_worker(s);
+}
+
+static int sample(pa__sup_t *s, uint64_t *rss_kb, uint64_t *ticks) {
+  char path[64], buf[1024];
+  int rc = -1;
+  snprintf(path, sizeof path, "/proc/%d/statm", s->pid);
+  FILE *f = fopen(path, "re");
+  if (!f) return -1;
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = '\0';
+  uint64_t pages;
+  if (pa_sup_parse_statm(buf, &pages) != 0) return -1;
+  *rss_kb = pages * s->page_kb;
+  snprintf(path, sizeof path, "/proc/%d/stat", s->pid);
+  f = fopen(path, "re");
+  if (!f) return -1;
+  n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = '\0';
+  if (pa_sup_parse_stat(buf, ticks) == 0) rc = 0;
+  return rc;
+}
+
+static void on_check(uv_timer_t *t) {
+  pa__sup_t *s = t->data;
+  if (!s->running || s->killed_for || s->stopping) return;
+  uint64_t rss_kb, ticks, now = uv_now(s->loop);
+  if (sample(s, &rss_kb, &ticks) != 0) return; /* the worker is exiting; its exit callback follows */
+  s->rss_kb = rss_kb;
+  if (s->set.max_rss_kb && rss_kb > s->set.max_rss_kb) {
+    snprintf(s->cap_detail, sizeof s->cap_detail, "rss_kb=%" PRIu64 " max_rss_kb=%" PRIu64, rss_kb,
+             s->set.max_rss_kb);
+    enforce_cap(s, "rss_cap");
+    return;
+  }
+  if (s->set.max_cpu_percent > 0 && s->have_sample && now > s->last_sample_ms) {
+    double pct = (double)(ticks - s->last_ticks) * 1000.0 / (double)s->clk_tck / (double)(now - s->last_sample_ms) *
+                 100.0;
+    s->cpu_over = pct > s->set.max_cpu_percent ? s->cpu_over + 1 : 0;
+    if (s->cpu_over >= PA_SUP_CPU_CHECKS) {
+      snprintf(s->cap_detail, sizeof s->cap_detail, "cpu_percent=%.1f max_cpu_percent=%.1f checks=%d", pct,
+               s->set.max_cpu_percent, PA_SUP_CPU_CHECKS);
+      enforce_cap(s, "cpu_cap");
+      return;
+    }
+  }
+  s->last_ticks = ticks;
+  s->last_sample_ms = now;
+  s->have_sample = 1;
+}
+
+/* ---- restarts ---- */
+
+/* SEAM (updates): the probation verdict. A worker that ran stable_ms is healthy: reset the backoff (and, later,
+ * commit an update in probation). */
+static void on_stable(uv_timer_t *t) {
+  pa__sup_t *s = t->data;
+  pa_backoff_reset(&s->backoff);
+  pa_log(PA_LOG_DEBUG, "supervisor.worker.stable", "pid=%d stable_ms=%" PRIu64, s->pid, s->set.stable_ms);
+}
+
+static void on_restart_timer(uv_timer_t *t) { start_worker(t->data); }
+
+static uint64_t backoff_delay(pa__sup_t *s) {
+  uint64_t ceiling = pa_backoff_ceiling(&s->backoff);
+  (void)pa_backoff_next(&s->backoff);
+  /* Half fixed, half random: always some delay (a crashing worker must not spin), some jitter (fleet-wide
+   * restarts after a shared cause do not all land at once). */
+  return ceiling / 2 + (uint64_t)(pa_backoff_unit(&s->backoff) * (double)(ceiling - ceiling / 2));
+}
+
+static void record_restart(pa__sup_t *s, const char *reason, uint64_t uptime_ms, uint64_t delay_ms, int loop) {
+  char when[80];
+  uint64_t now = wall_ms();
+  iso_time(now, when, sizeof when);
+  json_t *rec = json_object();
+  json_object_set_new(rec, "seq", json_integer((json_int_t)++s->seq));
+  json_object_set_new(rec, "time", json_string(when));
+  json_object_set_new(rec, "unix_ms", json_integer((json_int_t)now));
+  json_object_set_new(rec, "reason", json_string(reason));
+  json_object_set_new(rec, "exit_code", s->term_signal ? json_null() : json_integer(s->exit_status));
+  json_object_set_new(rec, "signal", s->term_signal ? json_integer(s->term_signal) : json_null());
+  json_object_set_new(rec, "detail", json_string(s->killed_for ? s->cap_detail : ""));
+  json_object_set_new(rec, "worker_pid", json_integer(s->pid));
+  json_object_set_new(rec, "uptime_ms", json_integer((json_int_t)uptime_ms));
+  json_object_set_new(rec, "delay_ms", json_integer((json_int_t)delay_ms));
+  json_object_set_new(rec, "crash_loop", json_boolean(loop));
+  json_object_set_new(rec, "restarts", json_integer((json_int_t)s->restarts));
+  json_object_set_new(rec, "host_version", json_string(PA_HOST_VERSION));
+  char *line = json_dumps(rec, JSON_COMPACT);
+  json_decref(rec);
+  int rc = line ? pa_sup_append_bounded(s->restarts_path, line, PA_SUP_RESTARTS_MAX_BYTES) : -ENOMEM;
+  free(line);
+  if (rc != 0)
+    pa_log(PA_LOG_ERROR, "supervisor.restarts.write_failed", "path=%s error=\"%s\"", s->restarts_path,
+           strerror(-rc));
+}
+
+/* SEAM (updates): an abnormal exit of a worker in probation rolls back here, before the restart policy. */
+static void after_worker_exit(pa__sup_t *s, const char *reason, pa_sup_action_t action, int abnormal,
+                              uint64_t uptime_ms) {
+  if (action == PA_SUP_STOP) {
+    if (strcmp(reason, "stopped") == 0)
+      pa_log(PA_LOG_INFO, "supervisor.worker.stopped", "pid=%d note=\"the worker stopped on its own (exit 0); "
+             "not restarting\"", s->pid);
+    finish(s);
+    return;
+  }
+  s->restarts++;
+  uint64_t now = uv_now(s->loop);
+  int loop = abnormal && pa_sup_crashes_note(&s->crashes, now, s->set.crash_loop_count, s->set.crash_loop_window_ms);
+  uint64_t delay;
+  if (loop) {
+    pa_log(PA_LOG_ERROR, "supervisor.crash_loop", "exits=%u window_ms=%" PRIu64 " delay_ms=%" PRIu64
+           " last_reason=%s", s->crashes.n, s->set.crash_loop_window_ms, s->set.restart_max_ms, reason);
+    s->backoff.attempt = 64; /* stay at the longest delay until a stable run resets it */
+    delay = s->set.restart_max_ms;
+  } else if (action == PA_SUP_RESTART_NOW) {
+    /* A worker that asks for a restart right after starting would spin: it gets the backoff instead. */
+    delay = uptime_ms < s->set.restart_min_ms ? backoff_delay(s) : 0;
+  } else if (action == PA_SUP_RESTART_SLOW) {
+    delay = s->set.restart_max_ms; /* a config can be fixed: keep trying, slowly */
+  } else {
+    delay = backoff_delay(s);
+  }
+  char detail[200] = "";
+  if (s->killed_for) snprintf(detail, sizeof detail, " %s", s->cap_detail);
+  pa_log(abnormal ? PA_LOG_WARNING : PA_LOG_INFO, "supervisor.restart",
+         "reason=%s exit_code=%" PRId64 " signal=%d pid=%d uptime_ms=%" PRIu64 " delay_ms=%" PRIu64
+         " crash_loop=%d restarts=%" PRIu64 "%s", reason, s->term_signal ? (int64_t)-1 : s->exit_status,
+         s->term_signal, s->pid, uptime_ms, delay, loop, s->restarts, detail);
+  record_restart(s, reason, uptime_ms, delay, loop);
+  uv_timer_start(&s->restart_timer, on_restart_timer, delay, 0);
+}
+
+static void on_proc_closed(uv_handle_t *h) {
+  pa__sup_t *s = h->data;
+  s->proc_open = 0;
+  if (s->stopping) {
+    finish(s);
+    return;
+  }
+  uint64_t uptime = uv_now(s->loop) - s->started_ms;
+  pa_sup_action_t action;
+  int abnormal;
+  const char *reason = pa_sup_classify(s->exit_status, s->term_signal, s->killed_for, 0, &action, &abnormal);
+  after_worker_exit(s, reason, action, abnormal, uptime);
+}
+
+static void on_worker_exit(uv_process_t *p, int64_t exit_status, int term_signal) {
+  pa__sup_t *s = p->data;
+  s->running = 0;
+  s->exit_status = exit_status;
+  s->term_signal = term_signal;
+  uv_timer_stop(&s->kill_timer);
+  uv_timer_stop(&s->check_timer);
+  uv_timer_stop(&s->stable_timer);
+  pa_log(s->stopping || (exit_status == 0 && !term_signal) ? PA_LOG_INFO : PA_LOG_WARNING, "supervisor.worker.exited",
+         "pid=%d exit_code=%" PRId64 " signal=%d uptime_ms=%" PRIu64, s->pid, term_signal ? (int64_t)-1 : exit_status,
+         term_signal, uv_now(s->loop) - s->started_ms);
+  uv_close((uv_handle_t *)p, on_proc_closed);
+}
+
+static void start_worker(pa__sup_t *s) {
+  if (s->stopping) return;
+  before_worker_start(s);
+  char *args[] = {(char *)worker_executable(s), "--foreground", "--config", s->set.config, NULL};
+  uv_stdio_container_t stdio[3];
+  for (int i = 0; i < 3; i++) {
+    stdio[i].flags = UV_INHERIT_FD;
+    stdio[i].data.fd = i;
+  }
+  uv_process_options_t o;
+  memset(&o, 0, sizeof o);
+  o.exit_cb = on_worker_exit;
+  o.file = args[0];
+  o.args = args;
+  o.stdio_count = 3;
+  o.stdio = stdio;
+  s->killed_for = NULL;
+  s->cap_detail[0] = '\0';
+  s->have_sample = 0;
+  s->cpu_over = 0;
+  s->rss_kb = 0;
+  s->exit_status = 0;
+  s->term_signal = 0;
+  s->started_ms = uv_now(s->loop);
+  s->proc.data = s;
+  int rc = uv_spawn(s->loop, &s->proc, &o);
+  s->proc_open = 1;
+  if (rc != 0) {
+    /* Treated like a worker that exited at once with a failure: logged, recorded, retried with backoff. */
+    char q[PATH_MAX + 8];
+    pa_log(PA_LOG_ERROR, "supervisor.spawn.failed", "exe=%s error=\"%s\"", pa_log_quote(q, sizeof q, args[0]),
+           uv_strerror(rc));
+    s->pid = 0;
+    s->exit_status = 127;
+    s->killed_for = "spawn_failed";
+    snprintf(s->cap_detail, sizeof s->cap_detail, "error=\"%s\"", uv_strerror(rc));
+    uv_close((uv_handle_t *)&s->proc, on_proc_closed);
+    return;
+  }
+  s->running = 1;
+  s->pid = s->proc.pid;
+  char qe[PATH_MAX + 8], qc[PATH_MAX + 8];
+  pa_log(PA_LOG_INFO, "supervisor.worker.started", "pid=%d exe=%s config=%s", s->pid,
+         pa_log_quote(qe, sizeof qe, args[0]), pa_log_quote(qc, sizeof qc, s->set.config));
+  if (s->set.stable_ms) uv_timer_start(&s->stable_timer, on_stable, s->set.stable_ms, 0);
+  if (s->set.max_rss_kb || s->set.max_cpu_percent > 0)
+    uv_timer_start(&s->check_timer, on_check, s->set.check_interval_ms, s->set.check_interval_ms);
+}
+
+/* ---- start-up: settings, state directory, lock ---- */
+
+typedef struct pa__loader_s {
+  uv_process_t proc;
+  uv_pipe_t out;
+  uv_timer_t timer;
+  char *buf;
+  size_t len, cap;
+  int too_big;
+  int64_t status;
+  int term_signal;
+} pa__loader_t;
+
+#define PA__SETTINGS_MAX (1 << 20)
+#define PA__SETTINGS_TIMEOUT_MS 120000
+
+static void loader_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
+  (void)hint;
+  pa__loader_t *l = h->data;
+  if (l->cap - l->len < 4096) {
+    size_t cap = l->cap ? l->cap * 2 : 8192;
+    char *bigger = cap <= PA__SETTINGS_MAX + 8192 ? realloc(l->buf, cap) : NULL;
+    if (bigger) {
+      l->buf = bigger;
+      l->cap = cap;
+    }
+  }
+  *b = uv_buf_init(l->buf ? l->buf + l->len : NULL, l->buf ? (unsigned)(l->cap - l->len - 1) : 0);
+}
+
+static void loader_read(uv_stream_t *st, ssize_t n, const uv_buf_t *b) {
+  (void)b;
+  pa__loader_t *l = st->data;
+  if (n > 0) {
+    l->len += (size_t)n;
+    if (l->len > PA__SETTINGS_MAX) l->too_big = 1;
+  } else if (n < 0) {
+    if (n != UV_EOF) l->too_big = 1; /* UV_ENOBUFS: no buffer could be made */
+    uv_close((uv_handle_t *)st, NULL);
+  }
+}
+
+static void loader_exit(uv_process_t *p, int64_t status, int term_signal) {
+  pa__loader_t *l = p->data;
+  l->status = status;
+  l->term_signal = term_signal;
+  uv_close((uv_handle_t *)p, NULL);
+  uv_close((uv_handle_t *)&l->timer, NULL);
+}
+
+static void loader_timeout(uv_timer_t *t) {
+  pa__loader_t *l = t->data;
+  pa_log(PA_LOG_ERROR, "supervisor.settings.timeout", "timeout_ms=%d", PA__SETTINGS_TIMEOUT_MS);
+  uv_process_kill(&l->proc, SIGKILL);
+}
+
+/* Run `EXE check-config --json --no-bundles [--config FILE]`; parse what it prints. Returns an exit code. */
+static int load_settings(pa__sup_t *s, const char *config_arg) {
+  pa__loader_t l;
+  memset(&l, 0, sizeof l);
+  /* --no-bundles: a bundle that fails (or crashes) at import is the worker's problem, retried by the supervisor;
+   * it must not keep the supervisor from starting. */
+  char *args[7] = {s->exe, "check-config", "--json", "--no-bundles", NULL, NULL, NULL};
+  if (config_arg) {
+    args[4] = "--config";
+    args[5] = (char *)config_arg;
+  }
+  uv_pipe_init(s->loop, &l.out, 0);
+  l.out.data = l.proc.data = l.timer.data = &l;
+  uv_stdio_container_t stdio[3];
+  stdio[0].flags = UV_IGNORE;
+  stdio[1].flags = UV_CREATE_PIPE | UV_WRITABLE_PIPE;
+  stdio[1].data.stream = (uv_stream_t *)&l.out;
+  stdio[2].flags = UV_INHERIT_FD; /* the config error, as the worker words it, goes to our stderr */
+  stdio[2].data.fd = 2;
+  uv_process_options_t o;
+  memset(&o, 0, sizeof o);
+  o.exit_cb = loader_exit;
+  o.file = s->exe;
+  o.args = args;
+  o.stdio_count = 3;
+  o.stdio = stdio;
+  int rc = uv_spawn(s->loop, &l.proc, &o);
+  if (rc != 0) {
+    fprintf(stderr, "pyagent-host: cannot run %s check-config: %s\n", s->exe, uv_strerror(rc));
+    uv_close((uv_handle_t *)&l.proc, NULL);
+    uv_close((uv_handle_t *)&l.out, NULL);
+    uv_run(s->loop, UV_RUN_DEFAULT);
+    return PA_SUP_EXIT_FAILURE;
+  }
+  uv_timer_init(s->loop, &l.timer);
+  uv_timer_start(&l.timer, loader_timeout, PA__SETTINGS_TIMEOUT_MS, 0);
+  uv_read_start((uv_stream_t *)&l.out, loader_alloc, loader_read);
+  uv_run(s->loop, UV_RUN_DEFAULT); /* until the child exited and its output is read */
+  int code = PA_SUP_EXIT_OK;
+  char err[1024];
+  if (l.term_signal || (l.status != 0 && l.status != PA_WORKER_EXIT_CONFIG) || l.too_big || !l.buf) {
+    fprintf(stderr, "pyagent-host: %s check-config --json failed (exit code %" PRId64 ", signal %d)\n", s->exe,
+            l.status, l.term_signal);
+    code = PA_SUP_EXIT_FAILURE;
+  } else if (pa_sup_settings_parse(l.buf, l.len, &s->set, err, sizeof err) != 0) {
+    fprintf(stderr, "pyagent-host: not starting: %s\n", err);
+    code = l.status == PA_WORKER_EXIT_CONFIG ? PA_SUP_EXIT_USAGE : PA_SUP_EXIT_FAILURE;
+  }
+  free(l.buf);
+  return code;
+}
+
+static int mkdirs(const char *path) {
+  char buf[PATH_MAX];
+  if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf) return -ENAMETOOLONG;
+  for (char *p = buf + 1;; p++) {
+    if (*p == '/' || *p == '\0') {
+      char c = *p;
+      *p = '\0';
+      if (mkdir(buf, 0700) != 0 && errno != EEXIST) return -errno;
+      *p = c;
+      if (!c) break;
+    }
+  }
+  return 0;
+}
+
+/* flock(2) on STATE/pyagent.lock, held for the supervisor's life (the descriptor is close-on-exec: the worker does
+ * not hold it, and dies with the supervisor through PR_SET_PDEATHSIG, see main.c). Returns a supervisor exit code. */
+static int take_lock(pa__sup_t *s) {
+  char path[PATH_MAX];
+  if (snprintf(path, sizeof path, "%s/%s", s->set.state_dir, PA_SUP_LOCK_FILE) >= (int)sizeof path) {
+    fprintf(stderr, "pyagent-host: state directory path too long: %s\n", s->set.state_dir);
+    return PA_SUP_EXIT_FAILURE;
+  }
+  int rc = mkdirs(s->set.state_dir);
+  if (rc != 0) {
+    fprintf(stderr, "pyagent-host: cannot create the state directory %s: %s\n", s->set.state_dir, strerror(-rc));
+    return PA_SUP_EXIT_FAILURE;
+  }
+  int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    fprintf(stderr, "pyagent-host: cannot open the lock file %s: %s\n", path, strerror(errno));
+    return PA_SUP_EXIT_FAILURE;
+  }
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    int e = errno;
+    if (e != EWOULDBLOCK) {
+      fprintf(stderr, "pyagent-host: cannot lock %s: %s\n", path, strerror(e));
+      close(fd);
+      return PA_SUP_EXIT_FAILURE;
+    }
+    char pid[32] = "";
+    ssize_t n = pread(fd, pid, sizeof pid - 1, 0);
+    pid[n > 0 ? n : 0] = '\0';
+    pid[strcspn(pid, "\n")] = '\0';
+    close(fd);
+    fprintf(stderr, "pyagent-host: another supervisor (pid %s) holds the lock %s: not starting (exit code %d)\n",
+            *pid ? pid : "unknown", path, PA_SUP_EXIT_LOCKED);
+    pa_log(PA_LOG_ERROR, "supervisor.locked", "lock=%s holder_pid=%s", path, *pid ? pid : "unknown");
+    return PA_SUP_EXIT_LOCKED;
+  }
+  char pid[32];
+  int n = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+  if (ftruncate(fd, 0) != 0 || pwrite(fd, pid, (size_t)n, 0) != n)
+    pa_log(PA_LOG_WARNING, "supervisor.lock.pid_not_written", "lock=%s error=\"%s\"", path, strerror(errno));
+  s->lock_fd = fd;
+  return PA_SUP_EXIT_OK;
+}
+
+static const char *const pa__sup_usage =
+    "usage: pyagent-host [--config FILE]            run the supervisor (it runs and restarts the worker)\n"
+    "       pyagent-host --foreground [--config FILE]   run the worker alone\n"
+    "       pyagent-host --help                      all commands\n";
+
+int pa_supervisor_main(int argc, char **argv) {
+  const char *config_arg = NULL;
+  for (int i = 1; i < argc; i++) {
+    if (strcmp(argv[i], "--config") == 0 && i + 1 < argc && argv[i + 1][0]) {
+      config_arg = argv[++i];
+    } else if (strncmp(argv[i], "--config=", 9) == 0 && argv[i][9]) {
+      config_arg = argv[i] + 9;
+    } else {
+      fprintf(stderr, "pyagent-host: %s '%s'\n%s", strncmp(argv[i], "--config", 8) == 0 ? "--config needs a FILE:"
+              : "unknown argument", argv[i], pa__sup_usage);
+      return PA_SUP_EXIT_USAGE;
+    }
+  }
+  pa__sup_t *s = calloc(1, sizeof *s);
+  if (!s) return PA_SUP_EXIT_FAILURE;
+  s->lock_fd = -1;
+  int code = PA_SUP_EXIT_FAILURE;
+  size_t exe_len = sizeof s->exe;
+  uv_loop_t loop;
+  if (uv_loop_init(&loop) != 0) {
+    free(s);
+    return PA_SUP_EXIT_FAILURE;
+  }
+  s->loop = &loop;
+  if (uv_exepath(s->exe, &exe_len) != 0) {
+    fprintf(stderr, "pyagent-host: cannot find its own executable\n");
+    goto out;
+  }
+#ifdef PA_SUPERVISOR_WORKER_NAME
+  /* A separate supervisor binary (docs/architecture.md, "Supervisor": memory) runs the worker installed next to it. */
+  char *slash = strrchr(s->exe, '/');
+  if (!slash || (size_t)(slash + 1 - s->exe) + sizeof PA_SUPERVISOR_WORKER_NAME > sizeof s->exe) goto out;
+  memcpy(slash + 1, PA_SUPERVISOR_WORKER_NAME, sizeof PA_SUPERVISOR_WORKER_NAME);
+#endif
+  code = load_settings(s, config_arg);
+  if (code != PA_SUP_EXIT_OK) goto out;
+  pa_log_set_level(s->set.log_level);
+  code = take_lock(s);
+  if (code != PA_SUP_EXIT_OK) goto out;
+  snprintf(s->restarts_path, sizeof s->restarts_path, "%s/%s", s->set.state_dir, PA_SUP_RESTARTS_FILE);
+  s->seq = pa_sup_last_seq(s->restarts_path);
+  s->clk_tck = sysconf(_SC_CLK_TCK);
+  if (s->clk_tck <= 0) s->clk_tck = 100;
+  long page = sysconf(_SC_PAGESIZE);
+  s->page_kb = page > 0 ? (uint64_t)page / 1024 : 4;
+  pa_backoff_init(&s->backoff, s->set.restart_min_ms, s->set.restart_max_ms,
+                  ((uint64_t)getpid() << 32) ^ uv_hrtime());
+  /* The workers learn who supervises them (main.c: PR_SET_PDEATHSIG). */
+  char pid[32];
+  snprintf(pid, sizeof pid, "%ld", (long)getpid());
+  setenv("PYAGENT_SUPERVISOR_PID", pid, 1);
+
+  uv_signal_t *sigs[] = {&s->sig_term, &s->sig_int, &s->sig_hup};
+  int signums[] = {SIGTERM, SIGINT, SIGHUP};
+  for (int i = 0; i < 3; i++) {
+    uv_signal_init(&loop, sigs[i]);
+    sigs[i]->data = s;
+    uv_signal_start(sigs[i], on_signal, signums[i]);
+  }
+  uv_timer_t *timers[] = {&s->restart_timer, &s->kill_timer, &s->check_timer, &s->stable_timer};
+  for (int i = 0; i < 4; i++) {
+    uv_timer_init(&loop, timers[i]);
+    timers[i]->data = s;
+  }
+  char qc[PATH_MAX + 8], qs[PATH_MAX + 8];
+  pa_log(PA_LOG_INFO, "supervisor.started",
+         "pid=%ld version=%s config=%s state_dir=%s max_rss_kb=%" PRIu64 " max_cpu_percent=%.1f", (long)getpid(),
+         PA_HOST_VERSION, pa_log_quote(qc, sizeof qc, s->set.config), pa_log_quote(qs, sizeof qs, s->set.state_dir),
+         s->set.max_rss_kb, s->set.max_cpu_percent);
+  if (!s->set.config_ok) {
+    char qe[1024];
+    pa_log(PA_LOG_WARNING, "supervisor.config_invalid",
+           "error=%s note=\"the worker will fail; it is retried every restart_max_ms until the config is fixed\"",
+           pa_log_quote(qe, sizeof qe, s->set.error));
+  }
+  start_worker(s);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  code = PA_SUP_EXIT_OK;
+out:
+  uv_walk(&loop, close_all, NULL);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  if (uv_loop_close(&loop) != 0) pa_log(PA_LOG_WARNING, "supervisor.loop.busy", "note=\"handles left open\"");
+  if (s->lock_fd >= 0) close(s->lock_fd);
+  pa_sup_settings_free(&s->set);
+  free(s);
+  return code;
+}
