@@ -8,6 +8,8 @@ with bundles/hello runs as a child, over TLS on 127.0.0.1. Figures:
   pages, what one more agent process costs; RSS also counts shared library pages such as libpython and libcrypto)
 - rpc_p50_us / rpc_p99_us / rpc_seq_per_s: endpoint -> agent method -> back, one call at a time
 - rpc_pipelined_per_s: the same with 1,000 calls in flight
+- fanout_5_agents_ms: one operator call fanned out to 5 agents (`*`), until all replied (median)
+- schema_validation_us_greet / _rich: the runtime's parameter check per call (msgspec), in process, minus no check
 
 Budgets live in shared/DESIGN.md section 9; nothing here asserts them. Usage: python bench/run.py [--quick]
 """
@@ -31,7 +33,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from typing import Annotated, Literal  # noqa: E402
+
+import msgspec  # noqa: E402
+
 from pyagent.endpoint import Endpoint, EndpointConfig  # noqa: E402
+from pyagent.runtime import Agent, method  # noqa: E402
 
 
 def host_binary() -> str:
@@ -102,6 +109,7 @@ async def bench(quick: bool) -> dict[str, Any]:
     seq_calls = 500 if quick else 5000
     pipelined_calls = 5000 if quick else 50000
     in_flight = 1000
+    fan_runs = 20 if quick else 200
     with tempfile.TemporaryDirectory(prefix="pyagent-bench-") as tmp:
         root = Path(tmp)
         config = EndpointConfig(state_dir=root / "endpoint", listen_port=0, api_enabled=False,
@@ -146,6 +154,23 @@ async def bench(quick: bool) -> dict[str, Any]:
                 pipe_elapsed = time.perf_counter() - t_start
                 pipelined_calls = per_worker * in_flight
                 loaded_mem = memory_mb(proc.pid)
+
+                # Fan-out: one operator call to 5 agents (this one and 4 more), all replies, median of `fan_runs`.
+                fan_procs = []
+                try:
+                    for i in range(4):
+                        name = f"bench-fan-{i}"
+                        fan_config = write_agent_config(root / name, ep, name)
+                        fan_procs.append((await start_agent(ep, fan_config, name, root / name / "host.log"))[0])
+                    fan_ms = []
+                    for _ in range(fan_runs):
+                        t0 = time.perf_counter()
+                        reply = await ep.call_target("*", "hello.greet", {"name": "fan"}, timeout=30)
+                        fan_ms.append((time.perf_counter() - t0) * 1000)
+                        assert len(reply["results"]) == 5 and all("result" in r for r in reply["results"].values())
+                finally:
+                    for fan_proc in fan_procs:
+                        stop_agent(fan_proc)
             finally:
                 stop_agent(proc)
 
@@ -164,10 +189,48 @@ async def bench(quick: bool) -> dict[str, Any]:
         "rpc_pipelined_per_s": round(pipelined_calls / pipe_elapsed, 1),
         "rpc_pipelined_calls": pipelined_calls,
         "rpc_in_flight": in_flight,
+        "fanout_5_agents_ms": round(statistics.median(fan_ms), 2),
+        "fanout_5_agents_p99_ms": round(percentile(sorted(fan_ms), 99), 2),
+        **schema_validation_us(quick),
         "host": subprocess.run([host_binary(), "--version"], capture_output=True, text=True).stdout.strip(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
     }
+
+
+class _SchemaBench(Agent):
+    @method
+    async def greet(self, name: str) -> str:
+        return name
+
+    @method
+    async def rich(self, n: Annotated[int, msgspec.Meta(ge=0)], xs: list[float], mode: Literal["a", "b"],
+                   tags: dict[str, str] | None = None) -> int:
+        return n
+
+
+def schema_validation_us(quick: bool) -> dict[str, float]:
+    """In-process cost of the runtime's parameter check per call (`_signature.bind`: names, then msgspec), minus the
+    cost of handing the params over unchecked, for a one-string method and a four-parameter one."""
+    from pyagent.runtime._signature import bind, describe
+
+    specs = describe(_SchemaBench)
+    cases = {"greet": {"name": "bench"},
+             "rich": {"n": 5, "xs": [1.0, 2.5, 3], "mode": "b", "tags": {"k": "v"}}}
+    rounds = 20_000 if quick else 200_000
+    out: dict[str, float] = {}
+    for name, params in cases.items():
+        spec = specs[name]
+        t0 = time.perf_counter_ns()
+        for _ in range(rounds):
+            bind(spec, name, params)
+        checked = (time.perf_counter_ns() - t0) / rounds
+        t0 = time.perf_counter_ns()
+        for _ in range(rounds):
+            dict(params)  # unchecked: the params dict becomes the kwargs
+        unchecked = (time.perf_counter_ns() - t0) / rounds
+        out[f"schema_validation_us_{name}"] = round(max(checked - unchecked, 0.0) / 1000, 3)
+    return out
 
 
 def main() -> None:

@@ -44,6 +44,25 @@ def describe_error(error: Any) -> str:
     return text
 
 
+def print_results(results: dict[str, Any], as_json: bool, what: str) -> int:
+    """Per-target results of a fan-out (`{agent_id: {"result"}|{"error"}}`): one line each unless `as_json` (the
+    caller printed the JSON); exit 1 when any target failed or none matched."""
+    failed = sum(1 for r in results.values() if "error" in r)
+    if not as_json:
+        for agent_id, reply in results.items():
+            if "error" in reply:
+                print(f"{agent_id}  ERROR  {describe_error(reply['error'])}")
+            else:
+                print(f"{agent_id}  ok     {result_text(reply.get('result'))}")
+    if not results:
+        print(f"pyagent: {what}: no agent matches the target", file=sys.stderr)
+        return EXIT_FAILED
+    if failed:
+        print(f"pyagent: {what} failed on {failed} of {len(results)} agents", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def run_call(args: argparse.Namespace) -> int:
     obj, dot, name = args.method.rpartition(".")
     if not (obj and dot and name):
@@ -52,9 +71,11 @@ def run_call(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be in (0, 3600] seconds")
     params = parse_params(args.params)
     client = ApiClient(find_api(args.state_dir, args.api))
-    reply = client.call(args.target, args.method, params, args.timeout)
+    reply = client.call(args.target, args.method, params, args.timeout, getattr(args, "concurrency", None))
     if args.json:
         print(json.dumps(reply, indent=2, ensure_ascii=False))
+    if "results" in reply:
+        return print_results(reply["results"], args.json, args.method)
     if "error" in reply:
         print(f"pyagent: {args.method} on {args.target} failed: {describe_error(reply['error'])}", file=sys.stderr)
         return EXIT_FAILED

@@ -99,10 +99,14 @@ class ApiClient:
         record: dict[str, Any] = self.get("/api/v1/agents/" + urllib.parse.quote(ref, safe=""))
         return record
 
-    def call(self, target: str, method: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """`{"result": ...}` or `{"error": {...}}`; the HTTP request waits a little longer than the call."""
-        reply: dict[str, Any] = self.post("/api/v1/call", {"target": target, "method": method, "params": params,
-                                                           "timeout": timeout}, timeout=timeout + 5)
+    def call(self, target: str, method: str, params: dict[str, Any], timeout: float,
+             concurrency: int | None = None) -> dict[str, Any]:
+        """`{"result": ...}` or `{"error": {...}}` (or per-target `{"results": {...}}` when the target selects
+        agents); the HTTP request waits a little longer than the call."""
+        body: dict[str, Any] = {"target": target, "method": method, "params": params, "timeout": timeout}
+        if concurrency is not None:
+            body["concurrency"] = concurrency
+        reply: dict[str, Any] = self.post("/api/v1/call", body, timeout=timeout + 5)
         return reply
 
     def _request(self, method: str, path: str, data: bytes | None, timeout: float) -> Any:

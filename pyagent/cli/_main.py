@@ -11,6 +11,10 @@ from pathlib import Path
 import pyagent
 from pyagent.cli._agents import run_ls, run_show
 from pyagent.cli._call import run_call
+from pyagent.cli._crashes import add_crash_commands
+from pyagent.cli._control import add_control_commands
+from pyagent.cli._describe import run_describe
+from pyagent.cli._events import add_events_command
 from pyagent.cli._demo import run_demo
 from pyagent.cli._errors import EXIT_FAILED, EXIT_INTERRUPTED, CliError
 from pyagent.cli._serve import add_serve_arguments, run_serve
@@ -58,18 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=run_show)
     add_agent_status_commands(agents_commands, client)
     add_token_commands(commands, client)
+    add_crash_commands(commands, client)
 
     call = commands.add_parser(
         "call", parents=[client], help="call a method of an agent object",
         description="Call OBJECT.METHOD on an agent. Parameters are key=value; a value is read as JSON when it "
                     "parses (n=5, on=true, tags='[\"a\"]'), else as a string (name=world).",
         epilog="exit status: 0 result, 1 error from the agent or endpoint, 2 usage, 3 endpoint unreachable")
-    call.add_argument("target", metavar="TARGET", help="agent id or name")
+    call.add_argument("target", metavar="TARGET", help="agent id or name, or a selector: group:NAME, "
+                      "env=prod,role=web, capability:NAME or * (per-agent results)")
     call.add_argument("method", metavar="OBJECT.METHOD", help="e.g. hello.greet")
     call.add_argument("params", nargs="*", metavar="KEY=VALUE")
     call.add_argument("--json", action="store_true", help='print the whole {"result": ...} or {"error": ...}')
     call.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="default: %(default)s")
+    call.add_argument("--concurrency", type=int, default=None, metavar="N",
+                      help="with a selector: at most N calls at a time (default 64)")
     call.set_defaults(handler=run_call)
+
+    describe = commands.add_parser("describe", parents=[client], help="show the methods, config and capabilities "
+                                   "an agent published")
+    describe.add_argument("target", metavar="TARGET", help="agent id or name")
+    describe.add_argument("object", metavar="OBJECT", nargs="?", help="only this agent object")
+    describe.add_argument("--json", action="store_true", help="print the interface as a JSON Schema document")
+    describe.set_defaults(handler=run_describe)
+    add_events_command(commands, client)
+    add_control_commands(commands, client)
 
     demo = commands.add_parser("demo", help="start an endpoint and a real agent, call hello.greet, stop both")
     demo.add_argument("--keep", action="store_true", help="keep the demo's files (configs, logs) afterwards")

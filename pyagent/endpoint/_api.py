@@ -23,10 +23,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from pyagent.endpoint import _crashes
 from pyagent.endpoint._errors import EndpointError
 from pyagent.endpoint._log import log_event, log_exception
 from pyagent.endpoint._net import bind_listeners, peer_name
+from pyagent.endpoint._events import events_response
 from pyagent.endpoint._registry import AgentRecord
+from pyagent.endpoint._targets import DEFAULT_CONCURRENCY, MAX_CONCURRENCY
 from pyagent.endpoint._tokens import SCOPES, TokenFormatError, parse_duration, scope_allows
 from pyagent.protocol import (
     AGENT_UNAVAILABLE,
@@ -41,7 +44,7 @@ _log = logging.getLogger("pyagent.endpoint.api")
 
 DEFAULT_CALL_TIMEOUT = 30.0
 MAX_CALL_TIMEOUT = 3600.0
-CALL_FIELDS = frozenset({"target", "method", "params", "timeout"})
+CALL_FIELDS = frozenset({"target", "method", "params", "timeout", "concurrency"})
 
 
 Authenticator = Callable[[str], "tuple[str, tuple[str, ...]] | None"]
@@ -59,7 +62,15 @@ class ApiBackend(Protocol):
     async def call(self, target: str, method: str, params: dict[str, Any] | None = None,
                    timeout: float = DEFAULT_CALL_TIMEOUT) -> Any: ...
     def set_agent_status(self, agent_id: str, status: str) -> str: ...
+    async def call_target(self, target: str, method: str, params: dict[str, Any] | None = None,
+                          timeout: float = DEFAULT_CALL_TIMEOUT, concurrency: int = 64) -> dict[str, Any]: ...
+    def interface(self, ref: str) -> tuple[str, dict[str, Any]] | None: ...
+    def select(self, target: str) -> tuple[Any, list[Any]]: ...
+    @property
+    def events(self) -> Any: ...
     def metrics(self) -> dict[str, Any]: ...
+    @property
+    def crashes(self) -> Any: ...
     @property
     def tokens(self) -> Any: ...
 
@@ -177,7 +188,7 @@ def parse_call(data: Any) -> tuple[str, str, dict[str, Any], float]:
         raise _BadRequest("the request body must be a JSON object")
     unknown = sorted(set(data) - CALL_FIELDS)
     if unknown:
-        raise _BadRequest(f"unknown field '{unknown[0]}' (expected target, method, params, timeout)")
+        raise _BadRequest(f"unknown field '{unknown[0]}' (expected target, method, params, timeout, concurrency)")
     target = data.get("target")
     if not isinstance(target, str) or not target:
         raise _BadRequest("'target' must be a non-empty string: an agent id or name")
@@ -216,15 +227,16 @@ def create_app(backend: ApiBackend, authenticate: Authenticator, *, max_body_byt
             target, method, params, timeout = parse_call(data)
         except _BadRequest as exc:
             return _error(400, INVALID_PARAMS, str(exc))
+        concurrency = data.get("concurrency", DEFAULT_CONCURRENCY)
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or not 1 <= concurrency <= MAX_CONCURRENCY:
+            return _error(400, INVALID_PARAMS, f"'concurrency' must be an integer in [1, {MAX_CONCURRENCY}]")
         try:
-            result = await backend.call(target, method, params, timeout)
-        except RemoteError as exc:
-            return JSONResponse({"error": exc.to_error()})
+            reply = await backend.call_target(target, method, params, timeout, concurrency)
         except Exception:
             log_exception(_log, "api.call_failed", target=target, method=method)
             return _error(500, INTERNAL_ERROR, "the endpoint failed while making the call; see its log")
         try:
-            return JSONResponse({"result": result})
+            return JSONResponse(reply)
         except ValueError as exc:  # e.g. NaN in the agent's result
             return JSONResponse({"error": {"code": INTERNAL_ERROR, "message": f"the result is not JSON: {exc}"}})
 
@@ -242,6 +254,24 @@ def create_app(backend: ApiBackend, authenticate: Authenticator, *, max_body_byt
             record = backend.agent(ref)
             return JSONResponse({"agent_id": record["agent_id"] if record else ref, "old": old, "status": status})
         return change
+
+    async def get_interface(request: Request) -> Response:
+        found = backend.interface(request.path_params["ref"])
+        if found is None:
+            return _error(404, AGENT_UNAVAILABLE, f"no agent with id or name {request.path_params['ref']!r}")
+        return JSONResponse({"agent_id": found[0], "agents": found[1]})
+
+    async def events(request: Request) -> Response:
+        return await events_response(request, backend)
+
+    def crash_route(handler: Callable[[Request, Any], Awaitable[Response]]) -> Handler:
+        async def route(request: Request) -> Response:
+            try:
+                store = backend.crashes
+            except EndpointError as exc:
+                return _error(503, INTERNAL_ERROR, str(exc))
+            return await handler(request, store)
+        return route
 
     async def metrics(request: Request) -> Response:
         return JSONResponse(backend.metrics())
@@ -299,11 +329,16 @@ def create_app(backend: ApiBackend, authenticate: Authenticator, *, max_body_byt
         routes=[
             Route("/api/v1/agents", requires("read", list_agents), methods=["GET"]),
             Route("/api/v1/agents/{ref}", requires("read", get_agent), methods=["GET"]),
+            Route("/api/v1/agents/{ref}/interface", requires("read", get_interface), methods=["GET"]),
+            Route("/api/v1/events", requires("read", events), methods=["GET"]),
             Route("/api/v1/agents/{ref}/approve", requires("admin", status_route("active")), methods=["POST"]),
             Route("/api/v1/agents/{ref}/reject", requires("admin", status_route("rejected")), methods=["POST"]),
             Route("/api/v1/agents/{ref}/revoke", requires("admin", status_route("revoked")), methods=["POST"]),
             Route("/api/v1/call", requires("call", call), methods=["POST"]),
             Route("/api/v1/metrics", requires("read", metrics), methods=["GET"]),
+            Route("/api/v1/crashes", requires("read", crash_route(_crashes.api_list)), methods=["GET"]),
+            Route("/api/v1/crashes/{id}", requires("read", crash_route(_crashes.api_show)), methods=["GET"]),
+            Route("/api/v1/crash-counts", requires("read", crash_route(_crashes.api_counts)), methods=["GET"]),
             Route("/api/v1/tokens", requires("admin", create_token), methods=["POST"]),
             Route("/api/v1/tokens", requires("admin", list_tokens), methods=["GET"]),
             Route("/api/v1/tokens/{token_id}", requires("admin", revoke_token), methods=["DELETE"]),

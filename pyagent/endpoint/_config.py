@@ -77,6 +77,9 @@ class EndpointConfig:
     rate: float = DEFAULT_RATE  # requests per second one agent may make (beyond heartbeats)
     rate_burst: int = DEFAULT_RATE_BURST
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open agent connections, handshakes included
+    crash_max_report_bytes: int = 16 << 20  # one crash report, all its files (a bigger minidump is left out)
+    crash_loop_count: int = 3  # this many crashes of one agent within crash_loop_window seconds: a crash loop
+    crash_loop_window: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "api_port"):
@@ -95,6 +98,13 @@ class EndpointConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ConfigError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+        if not isinstance(self.crash_max_report_bytes, int) or not 4096 <= self.crash_max_report_bytes <= 1 << 34:
+            raise ConfigError(f"crash_max_report_bytes must be an integer from 4096 to 2**34, got "
+                              f"{self.crash_max_report_bytes!r}")
+        if not isinstance(self.crash_loop_count, int) or not 2 <= self.crash_loop_count <= 1000:
+            raise ConfigError(f"crash_loop_count must be an integer from 2 to 1000, got {self.crash_loop_count!r}")
+        if not isinstance(self.crash_loop_window, (int, float)) or not 0 < self.crash_loop_window <= 86400 * 7:
+            raise ConfigError(f"crash_loop_window must be seconds in (0, 604800], got {self.crash_loop_window!r}")
         if not isinstance(self.max_frame_bytes, int) or not 64 <= self.max_frame_bytes <= 1 << 30:
             raise ConfigError(f"max_frame_bytes must be an integer from 64 to 2**30, got {self.max_frame_bytes!r}")
 

@@ -14,15 +14,21 @@ from pyagent.endpoint._api import DEFAULT_CALL_TIMEOUT, ApiServer, create_app
 from pyagent.endpoint._config import EndpointConfig, format_address
 from pyagent.endpoint._enroll import Enroller, TokenStore
 from pyagent.endpoint._errors import EndpointError
+from pyagent.endpoint._crashes import CrashStore
+from pyagent.endpoint._events import EventHub
+from pyagent.endpoint._targets import DEFAULT_CONCURRENCY, AgentView, Selector, TargetError, fan_out, views_from_db
 from pyagent.endpoint._log import log_event
 from pyagent.endpoint._net import dial_host
 from pyagent.endpoint._registry import AgentRecord, Registry
 from pyagent.endpoint._server import AgentServer
 from pyagent.endpoint._session import SessionSettings
 from pyagent.endpoint._state import State, StatePaths, prepare_state, server_ssl_context, write_endpoint_json
-from pyagent.protocol import AGENT_UNAVAILABLE, INVALID_PARAMS, UNAUTHORIZED, RemoteError
+from pyagent.protocol import AGENT_UNAVAILABLE, INVALID_PARAMS, NOT_ALLOWED, TIMEOUT, UNAUTHORIZED, RemoteError
 
 _log = logging.getLogger("pyagent.endpoint")
+
+# Methods the endpoint sends as requests of their own rather than inside `bundle.call`.
+CONTROL_PREFIX = "agent."
 
 # Buffered heartbeats are written to the registry this often (and before every read).
 FLUSH_INTERVAL = 1.0
@@ -43,6 +49,8 @@ class Endpoint:
         self._api: ApiServer | None = None
         self._tokens: TokenStore | None = None
         self._enroller: Enroller | None = None
+        self._events: EventHub | None = None
+        self._crashes: CrashStore | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
         self._closed = asyncio.Event()
         self._closing = False
@@ -83,6 +91,10 @@ class Endpoint:
             )
             self._server = AgentServer(settings, registry, server_ssl_context(state.paths), self._on_enroll,
                                        enroller.status)
+            self._events = self._server.events = EventHub(registry.db)
+            self._crashes = self._server.crashes = CrashStore(
+                registry.db, state.paths.root / "crashes", max_report_bytes=config.crash_max_report_bytes,
+                loop_count=config.crash_loop_count, loop_window=config.crash_loop_window)
             self.listen_port = await self._server.start(config.listen_host, config.listen_port)
             if config.api_enabled:
                 self._api = ApiServer(create_app(self, tokens.authenticate_operator,
@@ -115,6 +127,8 @@ class Endpoint:
             if self._flush_handle is not None:
                 self._flush_handle.cancel()
             closers = []
+            if self._events is not None:
+                self._events.close()
             if self._server is not None:
                 closers.append(self._server.close())
             if self._api is not None:
@@ -204,8 +218,12 @@ class Endpoint:
         """Counters of the agent server (refusals by reason, limits hit) and gauges."""
         if self._server is None:
             return {}
+        events = {} if self._events is None else {
+            "events_stored": self._events.stats.stored, "events_duplicates": self._events.stats.duplicates,
+            "events_dropped_by_agents": self._events.stats.dropped_by_agents,
+            "events_follower_drops": self._events.stats.follower_drops, "event_followers": self._events.followers}
         return {**self._server.counters, "connections_open": self._server.open_connections,
-                "sessions": self._server.connected}
+                "sessions": self._server.connected, **events}
 
     # -- agents and calls -------------------------------------------------------------------------------------
 
@@ -251,4 +269,65 @@ class Endpoint:
             raise RemoteError(INVALID_PARAMS, f"timeout must be positive, got {timeout!r}")
         if self._server is None or self._closing:
             raise RemoteError(AGENT_UNAVAILABLE, "the endpoint is not running")
-        return await self._server.call(target, obj, name, {} if params is None else params, timeout)
+        try:
+            if method.startswith(CONTROL_PREFIX):  # agent.status, agent.pause, ...: a request of its own
+                return await self._server.session_for(target).request(method, {} if params is None else params,
+                                                                      timeout)
+            return await self._server.call(target, obj, name, {} if params is None else params, timeout)
+        except RemoteError as exc:
+            if exc.code == NOT_ALLOWED:  # the agent's local allow-list refused it: both sides log the refusal
+                log_event(_log, logging.WARNING, "call.not_allowed", agent=target, method=method, reason=exc.message)
+            raise
+
+    @property
+    def crashes(self) -> CrashStore:
+        """Crash reports (`_crashes.py`): listing, groups, `crash_counts(since, version)` for health gates."""
+        if self._crashes is None or self._closing:
+            raise EndpointError("the endpoint is not running")
+        return self._crashes
+
+    # -- the agent API: targets, fan-out, interfaces, events --------------------------------------------------
+
+    @property
+    def events(self) -> EventHub:
+        if self._events is None or self._closing:
+            raise EndpointError("the endpoint is not running")
+        return self._events
+
+    def select(self, target: str) -> tuple[Selector, list[AgentView]]:
+        """Parse `target` (raises TargetError) and return the registry's agents it matches."""
+        selector = Selector.parse(target)
+        return selector, selector.select(views_from_db(self._require_registry().db))
+
+    def interface(self, ref: str) -> tuple[str, dict[str, Any]] | None:
+        """(agent_id, the interface its hello published), by id or name; None when unknown."""
+        return self._require_registry().interface(ref)
+
+    async def call_target(self, target: str, method: str, params: dict[str, Any] | None = None,
+                          timeout: float = DEFAULT_CALL_TIMEOUT,
+                          concurrency: int = DEFAULT_CONCURRENCY) -> dict[str, Any]:
+        """The operator API's call: `{"result"}`/`{"error"}` for one agent named by id or name, else
+        `{"results": {agent_id: {"result"}|{"error"}}}` for every agent the target selects (docs/protocol.md)."""
+        try:
+            selector, views = self.select(target)
+        except TargetError as exc:
+            return {"error": RemoteError(INVALID_PARAMS, f"bad target {target!r}: {exc}").to_error()}
+        if not selector.fanout and len(views) <= 1:
+            try:
+                return {"result": await self.call(views[0].agent_id if views else target, method, params, timeout)}
+            except RemoteError as exc:
+                return {"error": exc.to_error()}
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout  # for the whole fan-out: a call starting late gets what is left
+
+        async def one(view: AgentView) -> Any:
+            if self._server is None or self._server.session_of(view.agent_id) is None:
+                raise RemoteError(AGENT_UNAVAILABLE, f"agent {view.agent_id} ({view.name}) is not connected",
+                                  {"agent_id": view.agent_id, "connected": False})
+            left = deadline - loop.time()
+            if left <= 0:
+                raise RemoteError(TIMEOUT, f"not called: the fan-out's {timeout:g} s passed first")
+            return await self.call(view.agent_id, method, params, left)
+
+        return {"results": await fan_out(views, one, concurrency)}

@@ -8,7 +8,8 @@ from typing import Any
 from pyagent.endpoint._registry import AgentInfo
 from pyagent.protocol import INVALID_PARAMS, ProtocolError
 
-HELLO_KEYS = frozenset({"agent_id", "name", "token", "host", "bundles", "features", "platform", "labels"})
+HELLO_KEYS = frozenset({"agent_id", "name", "token", "host", "bundles", "features", "platform", "labels",
+                        "interface"})
 HELLO_REQUIRED = ("agent_id", "name", "host")  # token: only on the shared-token development path
 MAX_ID_CHARS = 256
 
@@ -74,6 +75,16 @@ def parse_hello(params: dict[str, Any]) -> AgentInfo:
         if not isinstance(version, int) or isinstance(version, bool):
             raise _fail(m, f"'features.{key}' must be an integer version")
 
+    interface = _object(params.get("interface", {}), "interface", m)
+    for obj, spec in interface.items():
+        _text(obj, "interface", m, max_chars=MAX_ID_CHARS)
+        spec = _object(spec, f"interface.{obj}", m)
+        caps = spec.get("capabilities", [])
+        if not isinstance(caps, list) or not all(isinstance(c, str) and 0 < len(c) <= MAX_ID_CHARS for c in caps):
+            raise _fail(m, f"'interface.{obj}.capabilities' must be an array of capability names")
+        if not isinstance(spec.get("methods", {}), dict):
+            raise _fail(m, f"'interface.{obj}.methods' must be an object")
+
     return AgentInfo(
         agent_id=agent_id,
         name=name,
@@ -83,6 +94,7 @@ def parse_hello(params: dict[str, Any]) -> AgentInfo:
         labels=_string_map(params.get("labels", {}), "labels", m),
         platform=_string_map(params.get("platform", {}), "platform", m),
         features=dict(features),
+        interface=dict(interface),
     )
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
 from pyagent.endpoint._errors import StateError
+from pyagent.endpoint._events import EVENTS_SCHEMA
 
 SCHEMA_VERSION = 2
 
@@ -70,8 +71,14 @@ CREATE TABLE IF NOT EXISTS operator_tokens (
 );
 """
 
+# The agent API (issue 6): what the hello published; the events table is pyagent/endpoint/_events.py's.
+AGENT_API_COLUMNS = (
+    ("interface", "TEXT NOT NULL DEFAULT '{}'"),     # agent object name -> interface (methods, config, ...)
+    ("capabilities", "TEXT NOT NULL DEFAULT '[]'"),  # sorted union of the objects' capabilities
+)
+
 _COLUMNS = ("agent_id, name, connected, host_version, python_version, bundles, labels, platform, features, "
-            "first_seen, last_seen, latency_ms, skew_ms, py_lag_ms, peer, status, cert_not_after")
+            "first_seen, last_seen, latency_ms, skew_ms, py_lag_ms, peer, status, cert_not_after, capabilities")
 
 
 class AgentRecord(TypedDict):
@@ -94,6 +101,7 @@ class AgentRecord(TypedDict):
     peer: str | None
     status: str
     cert_not_after: int | None
+    capabilities: list[str]
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,14 @@ class AgentInfo:
     labels: dict[str, str]
     platform: dict[str, str]
     features: dict[str, int]
+    # Agent object name -> its interface (docs/protocol.md, "Agent API messages"); {} from older agents.
+    interface: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def capabilities(self) -> list[str]:
+        """Every capability any agent object declares, sorted, without duplicates."""
+        return sorted({str(c) for spec in self.interface.values() if isinstance(spec, dict)
+                       for c in spec.get("capabilities", ())})
 
 
 def _record(row: tuple[Any, ...]) -> AgentRecord:
@@ -115,7 +131,7 @@ def _record(row: tuple[Any, ...]) -> AgentRecord:
         agent_id=row[0], name=row[1], connected=bool(row[2]), host_version=row[3], python_version=row[4],
         bundles=json.loads(row[5]), labels=json.loads(row[6]), platform=json.loads(row[7]),
         features=json.loads(row[8]), first_seen=row[9], last_seen=row[10], latency_ms=row[11], skew_ms=row[12],
-        py_lag_ms=row[13], peer=row[14], status=row[15], cert_not_after=row[16],
+        py_lag_ms=row[13], peer=row[14], status=row[15], cert_not_after=row[16], capabilities=json.loads(row[17]),
     )
 
 
@@ -141,6 +157,10 @@ class Registry:
                 if column not in have:
                     self._db.execute(f"ALTER TABLE agents ADD COLUMN {column} {decl}")
             self._db.executescript(_SCHEMA_V2)
+            for column, decl in AGENT_API_COLUMNS:  # additive: older endpoints ignore them
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE agents ADD COLUMN {column} {decl}")
+            self._db.executescript(EVENTS_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             self._db.close()
@@ -169,15 +189,25 @@ class Registry:
         self._heartbeats.pop(info.agent_id, None)
         self._db.execute(
             "INSERT INTO agents (agent_id, name, host_version, python_version, bundles, labels, platform, features,"
-            " first_seen, last_seen, connected, latency_ms, skew_ms, py_lag_ms, peer)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, NULL, NULL, NULL, ?)"
+            " first_seen, last_seen, connected, latency_ms, skew_ms, py_lag_ms, peer, interface, capabilities)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, NULL, NULL, NULL, ?, ?, ?)"
             " ON CONFLICT(agent_id) DO UPDATE SET name = excluded.name, host_version = excluded.host_version,"
             " python_version = excluded.python_version, bundles = excluded.bundles, labels = excluded.labels,"
             " platform = excluded.platform, features = excluded.features, last_seen = excluded.last_seen,"
-            " connected = 1, latency_ms = NULL, skew_ms = NULL, py_lag_ms = NULL, peer = excluded.peer",
+            " connected = 1, latency_ms = NULL, skew_ms = NULL, py_lag_ms = NULL, peer = excluded.peer,"
+            " interface = excluded.interface, capabilities = excluded.capabilities",
             (info.agent_id, info.name, info.host_version, info.python_version, json.dumps(info.bundles),
-             json.dumps(info.labels), json.dumps(info.platform), json.dumps(info.features), now_ms, now_ms, peer),
+             json.dumps(info.labels), json.dumps(info.platform), json.dumps(info.features), now_ms, now_ms, peer,
+             json.dumps(info.interface), json.dumps(info.capabilities)),
         )
+
+    def interface(self, ref: str) -> tuple[str, dict[str, Any]] | None:
+        """(agent_id, the interface its last hello published) of an agent by id or name, or None."""
+        record = self.get_agent(ref)
+        if record is None:
+            return None
+        row = self._db.execute("SELECT interface FROM agents WHERE agent_id = ?", (record["agent_id"],)).fetchone()
+        return record["agent_id"], json.loads(row[0]) if row else {}
 
     def heartbeat(self, agent_id: str, now_ms: int, latency_ms: float | None, skew_ms: float | None,
                   py_lag_ms: float | None) -> None:

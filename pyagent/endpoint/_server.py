@@ -14,7 +14,10 @@ from pyagent.endpoint._net import bind_listeners, peer_name
 from pyagent.endpoint._params import Heartbeat
 from pyagent.endpoint._registry import AgentInfo, Registry
 from pyagent.endpoint._session import AgentSession, SessionSettings, now_ms
-from pyagent.protocol import AGENT_UNAVAILABLE, INVALID_PARAMS, UNAUTHORIZED, RemoteError
+from pyagent.endpoint._crashes import CrashStore
+from pyagent.endpoint._events import EventHub
+from pyagent.endpoint._targets import AgentView
+from pyagent.protocol import AGENT_UNAVAILABLE, INVALID_PARAMS, METHOD_NOT_FOUND, UNAUTHORIZED, RemoteError
 
 _log = logging.getLogger("pyagent.endpoint.server")
 
@@ -70,6 +73,9 @@ class AgentServer:
         self._sessions: set[AgentSession] = set()
         self._by_id: dict[str, AgentSession] = {}
         self._by_name: dict[str, dict[str, AgentSession]] = {}
+        self._views: dict[str, AgentView] = {}  # agent_id -> what its hello said, while connected
+        self.events: EventHub | None = None  # set by the Endpoint: where `event.batch` goes
+        self.crashes: CrashStore | None = None  # set by the Endpoint: where `crash.*` uploads go
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
@@ -164,6 +170,8 @@ class AgentServer:
             old.close(f"replaced by a new session from {session.peer}")
         self._by_id[info.agent_id] = session
         self._by_name.setdefault(info.name, {})[info.agent_id] = session
+        self._views[info.agent_id] = AgentView(info.agent_id, info.name, info.platform.get("hostname", ""),
+                                               dict(info.labels), tuple(info.capabilities))
         self._registry.upsert_hello(info, session.peer, now_ms())
 
     def on_heartbeat(self, session: AgentSession, heartbeat: Heartbeat, now: int) -> None:
@@ -179,6 +187,20 @@ class AgentServer:
             self._unindex(session)
             self._registry.set_disconnected(session.agent_id, now_ms())
         log_event(_log, logging.INFO, "session.closed", agent=session.agent_id, peer=session.peer, reason=reason)
+
+    def on_events(self, session: AgentSession, params: dict[str, Any]) -> dict[str, Any]:
+        view = self._views.get(session.agent_id or "")
+        if self.events is None or view is None:
+            raise RemoteError(METHOD_NOT_FOUND, "method not found: this endpoint does not store events")
+        return self.events.store_batch(view, params)
+
+    def on_crash(self, session: AgentSession, msg_id: int | None, method: str, params: dict[str, Any]) -> None:
+        if self.crashes is None:
+            if msg_id is not None:
+                session.send_error(msg_id, METHOD_NOT_FOUND, "method not found: this endpoint does not store crash "
+                                   "reports")
+            return
+        self.crashes.handle(session, msg_id, method, params)
 
     def agent_status(self, agent_id: str) -> str | None:
         return None if self._status_lookup is None else self._status_lookup(agent_id)
@@ -222,6 +244,7 @@ class AgentServer:
         assert session.agent_id is not None and session.name is not None
         if self._by_id.get(session.agent_id) is session:
             del self._by_id[session.agent_id]
+            self._views.pop(session.agent_id, None)
         named = self._by_name.get(session.name)
         if named is not None and named.get(session.agent_id) is session:
             del named[session.agent_id]
@@ -251,3 +274,7 @@ class AgentServer:
 
     async def call(self, target: str, obj: str, method: str, params: dict[str, Any], timeout: float) -> Any:
         return await self.session_for(target).call(obj, method, params, timeout)
+
+    def session_of(self, agent_id: str) -> AgentSession | None:
+        """The live session of this agent id, or None."""
+        return self._by_id.get(agent_id)

@@ -76,6 +76,8 @@ class SessionOwner(Protocol):
     def on_hello(self, session: AgentSession, info: AgentInfo) -> None: ...
     def on_heartbeat(self, session: AgentSession, heartbeat: Heartbeat, now_ms: int) -> None: ...
     def on_closed(self, session: AgentSession, reason: str) -> None: ...
+    def on_crash(self, session: AgentSession, msg_id: int | None, method: str, params: dict[str, Any]) -> None: ...
+    def on_events(self, session: AgentSession, params: dict[str, Any]) -> dict[str, Any]: ...
     def agent_status(self, agent_id: str) -> str | None: ...
     def enroll(self, session: AgentSession, method: str, params: dict[str, Any]) -> dict[str, Any]: ...
     def allow_request(self, session: AgentSession) -> float: ...
@@ -291,10 +293,18 @@ class AgentSession:
                                           f"{self.agent_id}; retry after {retry_after:.3g} s",
                                           {"retry_after": round(retry_after, 3)}))
             return
+        if method.startswith("crash."):  # crash report uploads (`_crashes.py`); replies may come later
+            self._owner.on_crash(self, msg_id, method, params)
+            return
         if msg_id is None:
             log_event(_log, logging.DEBUG, "notification.ignored", agent=self.agent_id, method=method)
         elif method == "handshake.hello":
             self._send(error_response(msg_id, INVALID_REQUEST, "handshake already done on this connection"))
+        elif method == "event.batch":
+            try:
+                self._send(response(msg_id, self._owner.on_events(self, params)))
+            except (ProtocolError, RemoteError) as exc:
+                self._send(error_response(msg_id, exc.code, exc.message, exc.data))
         elif method == "enroll.renew":
             if self.cert_agent_id is None:
                 self._send(error_response(msg_id, UNAUTHORIZED, "unauthorized: enroll.renew needs a session "
@@ -394,6 +404,13 @@ class AgentSession:
         if outbox and not self._closing:
             self._transport.write(b"".join(outbox))
 
+    def send_response(self, msg_id: int, result: Any) -> None:
+        """Answer a request of the agent (handlers that reply later, e.g. `crash.end`)."""
+        self._send(response(msg_id, result))
+
+    def send_error(self, msg_id: int, code: int, message: str, data: Any = None) -> None:
+        self._send(error_response(msg_id, code, message, data))
+
     def refuse(self, code: int, message: str, event: str) -> None:
         """Tell the agent why the endpoint is closing its session (e.g. it was revoked), then close."""
         self._refuse(code, message, event=event)
@@ -407,6 +424,10 @@ class AgentSession:
 
     async def call(self, obj: str, method: str, params: dict[str, Any], timeout: float) -> Any:
         """Send `bundle.call` and wait for the reply; raises RemoteError (the agent's, or timeout/unavailable)."""
+        return await self.request("bundle.call", {"agent": obj, "method": method, "params": params}, timeout)
+
+    async def request(self, method: str, params: dict[str, Any], timeout: float) -> Any:
+        """Send any request (e.g. `agent.status`) and wait for the reply; raises RemoteError."""
         if self._closing:
             raise RemoteError(AGENT_UNAVAILABLE, f"agent {self.agent_id} is not connected")
         limit_calls = self._settings.max_in_flight
@@ -417,8 +438,7 @@ class AgentSession:
         msg_id = self._next_id
         self._next_id = msg_id + 1
         try:
-            data = encode({"v": VERSION, "id": msg_id, "method": "bundle.call",
-                           "params": {"agent": obj, "method": method, "params": params}})
+            data = encode({"v": VERSION, "id": msg_id, "method": method, "params": params})
         except (TypeError, ValueError) as exc:
             raise RemoteError(INVALID_PARAMS, f"params cannot be sent as JSON: {exc}") from None
         limit = self._settings.max_frame_bytes

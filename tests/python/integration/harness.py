@@ -18,6 +18,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+# Protocol v1 allows 2,048 levels of nesting; importing the protocol raises this process's recursion limit to fit,
+# so the tests' own json.dumps/loads of deep messages work whatever ran first.
+import pyagent.protocol  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[3]
 BUNDLES = REPO / "bundles"
 TEST_BUNDLES = Path(__file__).resolve().parent / "bundles"

@@ -194,6 +194,9 @@ def test_hello_params_and_host_config(write_config: WriteConfig, tmp_path: Path)
     config = load_config(write_config(agent_toml(tmp_path, HELLO_BUNDLE, extra='server_name = ""')), environ={})
     bundles = load_bundles(config.bundles)
     hello = build_hello_params(config, "ab" * 16, bundles, "9.9.9")
+    interface = hello.pop("interface")
+    assert set(interface) == {"hello"} and "greet" in interface["hello"]["methods"]
+    assert interface["hello"]["capabilities"] == ["greeting"]
     assert hello == {
         "agent_id": "ab" * 16,
         "name": "test-agent",
