@@ -56,6 +56,7 @@ typedef struct pa_conn_s {
   double hb_sent_wall;
   uint64_t hb_sent_hr;
   uint64_t hb_seq;
+  uint64_t hb_in_session; /* heartbeats sent in this session */
   double rtt_ms;         /* < 0 while unknown */
   double skew_ms;
   uint64_t retry_after_ms;

@@ -257,3 +257,17 @@ def test_deeply_nested_params_reach_the_bundle(endpoint: EndpointProc, agent: Ag
         value = [value]
     body = endpoint.call(agent.agent_id, "probe.echo", {"value": value}, timeout=20)
     assert body == {"result": value}
+
+
+def test_latency_known_at_once_with_a_long_interval(tmp_path: Path, make_agent: Any) -> None:
+    """The first heartbeat has no round trip to report; the host sends a second at once so the registry has a
+    latency within moments of the handshake, not one 30 s interval later."""
+    ep = EndpointProc(tmp_path / "ep30", heartbeat_interval=30).start()
+    try:
+        a: AgentProc = make_agent(tmp_path / "a", [ep], ep.ca, ep.agent_token).start()
+        ep.wait_connected(a.agent_id)
+        record = wait_for(lambda: (r := ep.agent(a.agent_id)) and r["latency_ms"] is not None and r, 5,
+                          "a heartbeat latency well before the 30 s interval")
+        assert 0 < record["latency_ms"] < 1000
+    finally:
+        ep.stop()
