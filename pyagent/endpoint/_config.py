@@ -80,6 +80,8 @@ class EndpointConfig:
     crash_max_report_bytes: int = 16 << 20  # one crash report, all its files (a bigger minidump is left out)
     crash_loop_count: int = 3  # this many crashes of one agent within crash_loop_window seconds: a crash loop
     crash_loop_window: float = 300.0
+    # Which agents an agent may call through the endpoint (`agent.call`): same-group, any, none (`_discovery.py`).
+    agent_call_policy: str = "same-group"
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "api_port"):
@@ -105,6 +107,8 @@ class EndpointConfig:
             raise ConfigError(f"crash_loop_count must be an integer from 2 to 1000, got {self.crash_loop_count!r}")
         if not isinstance(self.crash_loop_window, (int, float)) or not 0 < self.crash_loop_window <= 86400 * 7:
             raise ConfigError(f"crash_loop_window must be seconds in (0, 604800], got {self.crash_loop_window!r}")
+        if self.agent_call_policy not in ("same-group", "any", "none"):
+            raise ConfigError(f"agent_call_policy must be same-group, any or none, got {self.agent_call_policy!r}")
         if not isinstance(self.max_frame_bytes, int) or not 64 <= self.max_frame_bytes <= 1 << 30:
             raise ConfigError(f"max_frame_bytes must be an integer from 64 to 2**30, got {self.max_frame_bytes!r}")
 

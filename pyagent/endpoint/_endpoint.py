@@ -15,6 +15,7 @@ from pyagent.endpoint._config import EndpointConfig, format_address
 from pyagent.endpoint._enroll import Enroller, TokenStore
 from pyagent.endpoint._errors import EndpointError
 from pyagent.endpoint._crashes import CrashStore
+from pyagent.endpoint._discovery import AgentRequests
 from pyagent.endpoint._events import EventHub
 from pyagent.endpoint._targets import DEFAULT_CONCURRENCY, AgentView, Selector, TargetError, fan_out, views_from_db
 from pyagent.endpoint._log import log_event
@@ -95,6 +96,7 @@ class Endpoint:
             self._crashes = self._server.crashes = CrashStore(
                 registry.db, state.paths.root / "crashes", max_report_bytes=config.crash_max_report_bytes,
                 loop_count=config.crash_loop_count, loop_window=config.crash_loop_window)
+            self._server.agent_requests = AgentRequests(self, config.agent_call_policy)
             self.listen_port = await self._server.start(config.listen_host, config.listen_port)
             if config.api_enabled:
                 self._api = ApiServer(create_app(self, tokens.authenticate_operator,
@@ -231,6 +233,11 @@ class Endpoint:
         if self._registry is None or self._closing:
             raise EndpointError("the endpoint is not running")
         return self._registry
+
+    @property
+    def registry_db(self) -> Any:
+        """The registry's SQLite connection (read by `_discovery.py`)."""
+        return self._require_registry().db
 
     def agents(self) -> list[AgentRecord]:
         """Every agent the registry knows, connected or not."""

@@ -16,6 +16,7 @@ from pyagent.endpoint._registry import AgentInfo, Registry
 from pyagent.endpoint._session import AgentSession, SessionSettings, now_ms
 from pyagent.endpoint._crashes import CrashStore
 from pyagent.endpoint._events import EventHub
+from pyagent.endpoint._discovery import AgentRequests
 from pyagent.endpoint._targets import AgentView
 from pyagent.protocol import AGENT_UNAVAILABLE, INVALID_PARAMS, METHOD_NOT_FOUND, UNAUTHORIZED, RemoteError
 
@@ -76,6 +77,7 @@ class AgentServer:
         self._views: dict[str, AgentView] = {}  # agent_id -> what its hello said, while connected
         self.events: EventHub | None = None  # set by the Endpoint: where `event.batch` goes
         self.crashes: CrashStore | None = None  # set by the Endpoint: where `crash.*` uploads go
+        self.agent_requests: AgentRequests | None = None  # set by the Endpoint: registry.discover, agent.call
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
@@ -201,6 +203,12 @@ class AgentServer:
                                    "reports")
             return
         self.crashes.handle(session, msg_id, method, params)
+
+    def on_agent_request(self, session: AgentSession, msg_id: int, method: str, params: dict[str, Any]) -> None:
+        if self.agent_requests is None:
+            session.send_error(msg_id, METHOD_NOT_FOUND, f"method not found: this endpoint does not serve {method}")
+            return
+        self.agent_requests.handle(session, msg_id, method, params)
 
     def agent_status(self, agent_id: str) -> str | None:
         return None if self._status_lookup is None else self._status_lookup(agent_id)

@@ -26,6 +26,8 @@ METHODS: dict[str, str] = {
     "crash.begin": "agent -> endpoint",
     "crash.chunk": "agent -> endpoint",
     "crash.end": "agent -> endpoint",
+    "registry.discover": "agent -> endpoint",
+    "agent.call": "agent -> endpoint",
 }
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar, overload
 
@@ -32,6 +32,11 @@ _EXCLUSIVE = "__pyagent_exclusive__"
 
 # emit(agent object name, event name, data); set by the runtime.
 EmitSink = Callable[[str, str, Any], None]
+# Runtime.request(method, params, timeout): a request to the endpoint on session 0; set by the runtime.
+RequestSink = Callable[[str, Mapping[str, Any], float], Awaitable[Any]]
+
+# The endpoint answers an agent.call within its `timeout`; the request itself waits this much longer.
+_CALL_MARGIN = 5.0
 
 
 class Agent:
@@ -121,6 +126,39 @@ class Agent:
             raise RuntimeStoppedError(f"{getattr(self, 'name', type(self).__name__)}.emit('{event}'): the runtime "
                                       "is not running")
         sink(self.name, event, data)
+
+    def _pyagent_requester(self, what: str) -> RequestSink:
+        sink: RequestSink | None = self.__dict__.get("_pyagent_request")
+        if sink is None:
+            raise RuntimeStoppedError(f"{getattr(self, 'name', type(self).__name__)}.{what}: the runtime is not "
+                                      "running")
+        return sink
+
+    async def discover(self, capability: str, how_many: int = 1, all: bool = False,
+                       timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The connected agents with an object declaring `capability` (exact match, case-insensitive), asked of the
+        endpoint's registry: a random `how_many` of them, or every one with `all=True` (Agent99's
+        `discover_agent`). Each is `{agent_id, name, hostname, labels, objects, connected}`, `objects` being its
+        agent objects that declare the capability; an empty list when there is none."""
+        request = self._pyagent_requester("discover")
+        reply = await request("registry.discover", {"capability": capability, "how_many": how_many, "all": all},
+                              timeout)
+        agents: list[dict[str, Any]] = reply["agents"]
+        return agents
+
+    async def call(self, target: str, method: str, /, *, timeout: float = 30.0, **params: Any) -> Any:
+        """Call `object.method` on another agent through the endpoint, under the endpoint's agent-call policy
+        (default: agents of the same `group` label only).
+
+        `target` is an agent id or name (returns the result; the callee's error, or -32007 not_allowed when the
+        policy refuses, is raised as `pyagent.protocol.RemoteError`), or a selector — `group:NAME`, `env=prod,...`,
+        `capability:NAME`, `*` — which returns `{agent_id: {"result": ...} | {"error": {code, message}}}`."""
+        request = self._pyagent_requester("call")
+        reply = await request("agent.call", {"target": target, "method": method, "params": params,
+                                             "timeout": timeout}, timeout + _CALL_MARGIN)
+        if "results" in reply:
+            return reply["results"]
+        return reply["result"]
 
 
 @overload

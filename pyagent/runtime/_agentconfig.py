@@ -168,7 +168,7 @@ def build_spec(cls: type) -> ConfigSpec:
 
 
 _RESERVED = frozenset({"name", "log", "config", "emit", "init", "fini", "confirm_config", "capabilities",
-                       "max_concurrent_calls"})
+                       "max_concurrent_calls", "discover", "call"})
 
 
 def config_spec(cls: type) -> ConfigSpec:

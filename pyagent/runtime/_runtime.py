@@ -67,6 +67,7 @@ class Runtime:
         self._renew_task: asyncio.Task[None] | None = None
         for agent in self.agents.values():
             agent.__dict__["_pyagent_emit"] = self.outbox.put
+            agent.__dict__["_pyagent_request"] = self.request  # Agent.discover / Agent.call
         self.host_config = host_config
         self.max_concurrent_calls = max_concurrent_calls
         self.max_frame_bytes = max_frame_bytes

@@ -130,8 +130,8 @@ async def test_unknown_method_and_notification(tmp_path: Path) -> None:
     async with Endpoint(endpoint_config(tmp_path)) as ep:
         async with await connected(ep, "a") as agent:
             await agent.send({"v": "1", "method": "agent.event", "params": {"x": 1}})  # ignored
-            reply = await agent.request("registry.discover", {})
-            assert reply["error"]["code"] == -32601 and "registry.discover" in reply["error"]["message"]
+            reply = await agent.request("registry.withdraw", {})
+            assert reply["error"]["code"] == -32601 and "registry.withdraw" in reply["error"]["message"]
             reply = await agent.heartbeat(rtt_ms="fast")
             assert reply["error"]["code"] == -32602 and "'rtt_ms'" in reply["error"]["message"]
             assert ep.is_connected("a")  # none of these is a protocol violation
