@@ -1,4 +1,5 @@
-"""`pyagent crashes ls` and `pyagent crashes show ID`: crash reports the endpoint received from agents."""
+"""`pyagent crashes ls`, `pyagent crashes show ID` and `pyagent crashes clear-loop AGENT`: crash reports the endpoint
+received from agents, and the crash-loop flag."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ def add_crash_commands(commands: Any, client: argparse.ArgumentParser) -> None:
     show.add_argument("--modules", type=int, default=TOP_MODULES, metavar="N",
                       help="list the first N modules (default: %(default)s)")
     show.set_defaults(handler=run_crashes_show)
+    clear = sub.add_parser("clear-loop", parents=[client],
+                           help="clear an agent's crash-loop flag (only crashes after this count towards a new one)")
+    clear.add_argument("agent", metavar="AGENT", help="agent id, unique id prefix, or name")
+    clear.set_defaults(handler=run_crashes_clear_loop)
 
 
 def _agent_id(client: ApiClient, ref: str) -> str:
@@ -158,3 +163,18 @@ def crash_details(r: dict[str, Any], top_modules: int = TOP_MODULES) -> str:
         lines.append(f"crash loop: this agent crashed {loop['crashes']} times between "
                      f"{timestamp(loop['first_crash'])} and {timestamp(loop['last_crash'])}")
     return "\n".join(lines)
+
+
+def run_crashes_clear_loop(args: argparse.Namespace) -> int:
+    client = ApiClient(find_api(args.state_dir, args.api))
+    agent_id = _agent_id(client, args.agent)
+    try:
+        reply = client.delete("/api/v1/crash-loops/" + urllib.parse.quote(agent_id, safe=""))
+    except ApiError as exc:
+        if exc.status == 404:
+            raise CliError(f"agent {args.agent!r} is not flagged as in a crash loop") from None
+        raise
+    loop = reply["cleared"]
+    print(f"cleared the crash-loop flag of agent {agent_id} ({loop['crashes']} crashes between "
+          f"{timestamp(loop['first_crash'])} and {timestamp(loop['last_crash'])})")
+    return EXIT_OK

@@ -43,6 +43,10 @@ def run_serve(args: argparse.Namespace) -> int:
             rate=args.rate,
             rate_burst=args.rate_burst,
             max_connections=args.max_connections,
+            crash_max_report_bytes=args.crash_max_report_bytes,
+            crash_loop_count=args.crash_loop_count,
+            crash_loop_window=args.crash_loop_window,
+            agent_call_policy=args.agent_call_policy,
         )
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
@@ -117,4 +121,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--rate-burst", type=int, default=200, metavar="N", help="default: %(default)s")
     limits.add_argument("--max-connections", type=int, default=10000, metavar="N",
                         help="open agent connections, handshakes included (default: %(default)s)")
+    crashes = parser.add_argument_group("crash reports (docs/architecture.md, \"Crash capture\")")
+    crashes.add_argument("--crash-max-report-bytes", type=int, default=16 << 20, metavar="BYTES",
+                         help="all files of one crash report; a bigger minidump is left out (default: %(default)s)")
+    crashes.add_argument("--crash-loop-count", type=int, default=3, metavar="N",
+                         help="this many crashes of one agent within --crash-loop-window flag a crash loop "
+                              "(default: %(default)s)")
+    crashes.add_argument("--crash-loop-window", type=float, default=300.0, metavar="SECONDS",
+                         help="default: %(default)s")
+    parser.add_argument("--agent-call-policy", choices=("same-group", "any", "none"), default="same-group",
+                        help="which agents a bundle's `self.call` may reach: its own group (the `group` label), any "
+                        "agent, or none (default: %(default)s)")
     parser.add_argument("--log-level", choices=sorted(LOG_LEVELS), default="info", help="default: %(default)s")

@@ -208,15 +208,38 @@ def parse_call(data: Any) -> tuple[str, str, dict[str, Any], float]:
 
 
 def create_app(backend: ApiBackend, authenticate: Authenticator, *, max_body_bytes: int = 1 << 20) -> Starlette:
+    def with_crash_loops(records: list[AgentRecord]) -> list[dict[str, Any]]:
+        """The records with the crash-loop flag of each (`_crashes.CrashStore.loop_fields`)."""
+        try:
+            fields = backend.crashes.loop_fields([r["agent_id"] for r in records])
+        except EndpointError:  # closing: the records without the flag
+            return [dict(r) for r in records]
+        return [{**r, **fields[r["agent_id"]]} for r in records]
+
     async def list_agents(request: Request) -> Response:
-        return JSONResponse({"agents": backend.agents()})
+        return JSONResponse({"agents": with_crash_loops(backend.agents())})
 
     async def get_agent(request: Request) -> Response:
         ref = request.path_params["ref"]
         record = backend.agent(ref)
         if record is None:
             return _error(404, AGENT_UNAVAILABLE, f"no agent with id or name {ref!r}")
-        return JSONResponse(record)
+        return JSONResponse(with_crash_loops([record])[0])
+
+    async def clear_crash_loop(request: Request) -> Response:
+        ref = request.path_params["ref"]
+        record = backend.agent(ref)
+        agent_id = record["agent_id"] if record is not None else ref  # an agent forgotten since: its id
+        try:
+            store = backend.crashes
+        except EndpointError as exc:
+            return _error(503, INTERNAL_ERROR, str(exc))
+        loop = store.clear_loop(agent_id)
+        if loop is None:
+            return _error(404, INVALID_PARAMS, f"agent {ref!r} is not flagged as in a crash loop")
+        log_event(_log, logging.INFO, "api.crash_loop_cleared", agent=agent_id,
+                  token_id=request.scope.get(_TOKEN_ID_KEY))
+        return JSONResponse({"agent_id": agent_id, "cleared": loop})
 
     async def call(request: Request) -> Response:
         try:
@@ -339,6 +362,7 @@ def create_app(backend: ApiBackend, authenticate: Authenticator, *, max_body_byt
             Route("/api/v1/crashes", requires("read", crash_route(_crashes.api_list)), methods=["GET"]),
             Route("/api/v1/crashes/{id}", requires("read", crash_route(_crashes.api_show)), methods=["GET"]),
             Route("/api/v1/crash-counts", requires("read", crash_route(_crashes.api_counts)), methods=["GET"]),
+            Route("/api/v1/crash-loops/{ref}", requires("admin", clear_crash_loop), methods=["DELETE"]),
             Route("/api/v1/tokens", requires("admin", create_token), methods=["POST"]),
             Route("/api/v1/tokens", requires("admin", list_tokens), methods=["GET"]),
             Route("/api/v1/tokens/{token_id}", requires("admin", revoke_token), methods=["DELETE"]),

@@ -17,7 +17,11 @@ Files in flight live in `STATE_DIR/crashes/incoming/<agent id>/<report>/`. The r
 from (agent id, the agent's report name), so uploading the same report twice stores it once.
 
 Crash loops: when one agent has `loop_count` crashes (kind `crash`) within `loop_window` seconds of crash time, it is
-flagged in the `crash_loops` table and a warning is logged (`crash.loop`).
+flagged in the `crash_loops` table and a warning is logged (`crash.loop`). The flag shows on the agent's record in the
+operator API (`crash_loop`, `crash_loop_since`, `crash_loop_crashes`; `loop_fields`) and stays until an operator clears
+it (`clear_loop`: `DELETE /api/v1/crash-loops/{agent}`, `pyagent crashes clear-loop AGENT`). Clearing records the
+time in `crash_loop_clears`: crashes before it no longer count, so the agent is flagged again only after `loop_count`
+new crashes within the window. There is no automatic expiry: a loop nobody looked at stays visible.
 """
 
 from __future__ import annotations
@@ -90,6 +94,10 @@ CREATE TABLE IF NOT EXISTS crash_loops (
     crashes     INTEGER NOT NULL,
     first_crash INTEGER NOT NULL,
     last_crash  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS crash_loop_clears (
+    agent_id   TEXT PRIMARY KEY,
+    cleared_at INTEGER NOT NULL
 );
 """
 
@@ -220,6 +228,15 @@ def analyse(kind: str, report: str, files: Mapping[str, Path], annotations: Mapp
                       "signature": _signature("crash", "unknown", *python_frames(py_tb))}
         if not dumps:
             why = "no minidump in the report"
+            handler = str((parsed.get("record") or {}).get("minidump_handler", ""))
+            if handler == "none":
+                why = ("none: the host ran without crashpad_handler; reported from the host's crash record alone "
+                       "(signal, address, backtrace)")
+            elif handler and handler != "exited_0":
+                status = (parsed.get("record") or {}).get("minidump_handler_status", "?")
+                why = (f"none: crashpad_handler could not write one (minidump_handler: {handler}, status {status};"
+                       " e.g. ptrace denied by a seccomp filter or Yama); reported from the host's crash record alone"
+                       " (signal, address, backtrace)")
             big = [f"{n} ({s} bytes)" for n, s in skipped.items() if n.endswith(".dmp")]
             if big:
                 why = f"minidump not uploaded: {', '.join(big)} over the report size limit"
@@ -452,9 +469,14 @@ class CrashStore:
 
     def _check_loop(self, agent_id: str, when: int) -> bool:
         window = int(self.loop_window * 1000)
+        cleared = self._db.execute("SELECT cleared_at FROM crash_loop_clears WHERE agent_id = ?",
+                                   (agent_id,)).fetchone()
+        low = max(when - window, cleared[0] + 1) if cleared else when - window
+        if when < low:
+            return False  # a crash from before the operator cleared the loop, uploaded late
         rows = self._db.execute(
             "SELECT time FROM crash_reports WHERE agent_id = ? AND kind = 'crash' AND time BETWEEN ? AND ?"
-            " ORDER BY time", (agent_id, when - window, when + window)).fetchall()
+            " ORDER BY time", (agent_id, low, when + window)).fetchall()
         times = [r[0] for r in rows]
         # The largest number of crashes inside any window of `loop_window` seconds around this one.
         best, first, last = 0, when, when
@@ -531,6 +553,31 @@ class CrashStore:
                              " WHERE agent_id = ?", (agent_id,)).fetchone()
         return None if r is None else {"agent_id": r[0], "detected_at": r[1], "crashes": r[2], "first_crash": r[3],
                                        "last_crash": r[4]}
+
+    def loop_fields(self, agent_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The crash-loop fields of each agent's record in the operator API: `crash_loop` (bool), `crash_loop_since`
+        (ms since the epoch the loop was detected, or None) and `crash_loop_crashes` (crashes in the window, 0)."""
+        flagged = {r[0]: r for r in self._db.execute("SELECT agent_id, detected_at, crashes FROM crash_loops")}
+        out = {}
+        for agent_id in agent_ids:
+            r = flagged.get(agent_id)
+            out[agent_id] = {"crash_loop": r is not None, "crash_loop_since": r[1] if r else None,
+                             "crash_loop_crashes": r[2] if r else 0}
+        return out
+
+    def clear_loop(self, agent_id: str) -> dict[str, Any] | None:
+        """Clear an agent's crash-loop flag (an operator looked at it); crashes up to now no longer count towards a
+        new one. Returns the loop cleared, None when the agent was not flagged (then nothing changes)."""
+        loop = self.loop_of(agent_id)
+        if loop is None:
+            return None
+        now = int(time.time() * 1000)
+        self._db.execute("DELETE FROM crash_loops WHERE agent_id = ?", (agent_id,))
+        self._db.execute("INSERT INTO crash_loop_clears (agent_id, cleared_at) VALUES (?, ?) ON CONFLICT(agent_id)"
+                         " DO UPDATE SET cleared_at = excluded.cleared_at", (agent_id, max(now, loop["last_crash"])))
+        log_event(_log, logging.INFO, "crash.loop.cleared", agent=agent_id, crashes=loop["crashes"],
+                  detected_at=loop["detected_at"])
+        return loop
 
     def loops(self) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT agent_id FROM crash_loops ORDER BY detected_at DESC").fetchall()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from harness import TEST_BUNDLES, AgentProc, EndpointProc, wait_for
+from harness import REPO, TEST_BUNDLES, AgentProc, EndpointProc, host_binary, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -197,3 +197,90 @@ def test_crash_while_endpoint_down_is_reported_later(tmp_path: Path, ep: Endpoin
         wait_for(lambda: not pending[0].exists(), 10, "the report to be marked completed")
     finally:
         agent.stop()
+
+
+@pytest.fixture(scope="module")
+def noptrace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bin") / "noptrace"
+    subprocess.run(["cc", "-O2", "-Wall", "-o", str(out), str(REPO / "tests" / "c" / "noptrace.c")], check=True)
+    return out
+
+
+class NoPtraceAgent(AgentProc):
+    """The real host started under tests/c/noptrace.c: ptrace(2) fails with EPERM (a seccomp filter the host and its
+    crashpad_handler child inherit), so Crashpad cannot write a minidump and only the host's record is left."""
+
+    wrapper: list[str] = []
+
+    def start(self, wait: bool = True) -> "NoPtraceAgent":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([*self.wrapper, host_binary(), "--foreground", "--config", str(self.config)],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        if wait:
+            wait_for(lambda: (self.workdir / "state" / "agent-id").exists() or self._died(), 20, "the agent to start")
+        return self
+
+
+def test_ptrace_denied_record_reaches_endpoint_and_crash_loop_flag(tmp_path: Path, noptrace: Path) -> None:
+    """With ptrace denied, the minimal record alone (signal, address, backtrace) is reported, and `crashes show` says
+    there is no minidump. The endpoint runs with `--crash-loop-count 2`: the second crash flags a crash loop, which
+    the agent's record shows (API, `agents ls`, `agents show`) until `pyagent crashes clear-loop` clears it."""
+    ep = EndpointProc(tmp_path / "ep", heartbeat_interval=1.0,
+                      extra_args=["--crash-loop-count", "2", "--crash-loop-window", "600"]).start()
+    agent = NoPtraceAgent(tmp_path / "a", [ep], ep.ca, ep.agent_token, bundles=BUNDLES, name="crashy-noptrace",
+                          extra=crash_config())
+    agent.wrapper = [str(noptrace)]
+    try:
+        agent.start()
+        ep.wait_connected(agent.agent_id)
+        assert (Path("/proc") / str(agent.proc.pid if agent.proc else 0) / "status").read_text().count(
+            "Seccomp:\t2") == 1  # the host itself runs under the filter
+        row, seconds = crash_and_restart(ep, agent, "segv", "main", 0)
+        assert row["signal"] == signal.SIGSEGV and row["signal_name"] == "SIGSEGV"
+        assert row["host_version"] == "0.1.0" and row["bundles"].get("crasher") == "1.2.3"
+        full = json.loads(cli(ep, "crashes", "show", row["id"], "--json"))
+        summary = full["summary"]
+        assert not any(name.endswith(".dmp") for name in summary["files"]), summary["files"]
+        assert "record.txt" in summary["files"] and summary["modules"] == []
+        assert summary["dump_error"] and "minidump" in summary["dump_error"]
+        assert summary["address"] == 0  # the crasher's SEGV is a NULL write: the fault address comes from the record
+        assert "ptrace denied" in summary["dump_error"] and "exited_nonzero" in summary["dump_error"]
+        assert summary["record"]["thread"] == "main" and "pyagent-host" in summary["record"]["backtrace"]
+        assert summary["annotations"]["agent_id"] == agent.agent_id
+        assert "crash_here" in full["python_traceback"]
+        text = cli(ep, "crashes", "show", row["id"])
+        assert "signal:     11 SIGSEGV" in text and f"address:    {hex(summary['address'])}" in text
+        assert "minidump:   none: crashpad_handler could not write one" in text, text
+        assert "fallback backtrace (host record):" in text and "pyagent-host" in text
+        assert "modules (" not in text
+        print(f"\nFIGURE ptrace denied: restart -> report visible {seconds * 1000:.0f} ms; "
+              f"uploaded {sum(summary['files'].values())} bytes (no minidump)")
+
+        # Not a loop yet; the second crash (count 2 from the serve flag) makes one.
+        status, record = ep.api("GET", f"/api/v1/agents/{agent.agent_id}")
+        assert status == 200 and record["crash_loop"] is False and record["crash_loop_since"] is None
+        second, _ = crash_and_restart(ep, agent, "abort", "main", 1)
+        assert second["signal_name"] == "SIGABRT" and second["signature"] != row["signature"]
+        status, body = ep.api("GET", "/api/v1/agents")
+        mine = next(a for a in body["agents"] if a["agent_id"] == agent.agent_id)
+        assert mine["crash_loop"] is True and mine["crash_loop_crashes"] == 2
+        assert abs(mine["crash_loop_since"] - time.time() * 1000) < 60_000
+        assert json.loads(cli(ep, "agents", "show", agent.agent_id, "--json"))["crash_loop"] is True
+        assert "crash loop: 2 crashes, flagged since" in cli(ep, "agents", "show", agent.agent_id)
+        assert f"crash loop: agent {agent.agent_id} (crashy-noptrace) 2 crashes" in cli(ep, "agents", "ls")
+
+        cleared = cli(ep, "crashes", "clear-loop", "crashy-noptrace")
+        assert f"cleared the crash-loop flag of agent {agent.agent_id} (2 crashes" in cleared
+        status, record = ep.api("GET", f"/api/v1/agents/{agent.agent_id}")
+        assert record["crash_loop"] is False and record["crash_loop_crashes"] == 0
+        assert "crash loop: no" in cli(ep, "agents", "show", agent.agent_id)
+        assert "crash loop" not in cli(ep, "agents", "ls")
+        assert json.loads(cli(ep, "crashes", "ls", "--json"))["loops"] == []
+        again = subprocess.run([sys.executable, "-m", "pyagent.cli", "crashes", "clear-loop", agent.agent_id,
+                                "--state-dir", str(ep.state_dir)], capture_output=True, text=True, timeout=60)
+        assert again.returncode != 0 and "is not flagged as in a crash loop" in again.stderr, again
+        assert "crash.loop.cleared" in ep.log()
+    finally:
+        agent.stop()
+        ep.stop()

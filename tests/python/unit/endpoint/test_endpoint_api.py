@@ -68,7 +68,9 @@ async def test_agents_list_and_show(tmp_path: Path) -> None:
             record = body["agents"][0]
             assert set(record) == {"agent_id", "name", "connected", "host_version", "python_version", "bundles",
                                    "labels", "platform", "features", "first_seen", "last_seen", "latency_ms",
-                                   "skew_ms", "py_lag_ms", "peer", "status", "cert_not_after", "capabilities"}
+                                   "skew_ms", "py_lag_ms", "peer", "status", "cert_not_after", "capabilities",
+                                   "crash_loop", "crash_loop_since", "crash_loop_crashes"}
+            assert record["crash_loop"] is False and record["crash_loop_since"] is None
             assert record["connected"] is True and record["latency_ms"] == 0.3
             for ref in ("0123456789abcdef", "web-1"):
                 status, _, body = await api(ep, "GET", f"/api/v1/agents/{ref}")

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +236,28 @@ async def test_protocol_handler_replies(store: CrashStore) -> None:
     assert replies[3]["result"]["group_count"] == 1
     assert replies[4]["error"]["code"] == -32601
     assert replies[5]["error"]["code"] == INVALID_PARAMS
+
+
+async def test_crash_loop_flag_on_records_and_operator_clear(store: CrashStore) -> None:
+    now = int(time.time())
+    assert store.loop_fields(["A"]) == {"A": {"crash_loop": False, "crash_loop_since": None, "crash_loop_crashes": 0}}
+    assert store.clear_loop("A") is None  # not flagged: nothing to clear
+    for i, t in enumerate((now - 200, now - 100, now - 50)):
+        out = await upload(store, {"record.txt": record(t)}, report=f"{t}-{i}")
+    assert out["crash_loop"] is True
+    fields = store.loop_fields(["A", "B"])
+    assert fields["A"]["crash_loop"] is True and fields["A"]["crash_loop_crashes"] == 3
+    assert abs(fields["A"]["crash_loop_since"] - now * 1000) < 60_000
+    assert fields["B"]["crash_loop"] is False
+    cleared = store.clear_loop("A")
+    assert cleared is not None and cleared["crashes"] == 3 and cleared["first_crash"] == (now - 200) * 1000
+    assert store.loop_fields(["A"])["A"]["crash_loop"] is False and store.loops() == []
+    assert store.clear_loop("A") is None
+    # A crash from before the clear, uploaded late, does not flag it again; only new crashes count.
+    late = await upload(store, {"record.txt": record(now - 10)}, report=f"{now - 10}-late")
+    assert late["crash_loop"] is False
+    flags = [(await upload(store, {"record.txt": record(now + i)}, report=f"{now + i}-new"))["crash_loop"]
+             for i in (5, 6, 7)]
+    assert flags == [False, False, True]
+    loop = store.loop_of("A")
+    assert loop is not None and loop["crashes"] == 3 and loop["first_crash"] == (now + 5) * 1000
