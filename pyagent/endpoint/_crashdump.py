@@ -20,6 +20,8 @@ import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pyagent._crashrecord import parse_record
+
 CRASHPAD_INFO_STREAM = 0x43500001
 EXCEPTION_STREAM = 6
 TOP_FRAMES = 4
@@ -36,32 +38,6 @@ _AMD64_CONTEXT_SIZE = 0x4D0
 
 class CrashDumpError(ValueError):
     """The dump is not a minidump this module can read (the message says what is wrong)."""
-
-
-def parse_record(text: str) -> dict[str, str]:
-    """The host's crash record (csrc/crash.c): `key: value` lines, annotations as `annotation.<key>`, and the
-    backtrace section whole under `backtrace`."""
-    meta: dict[str, str] = {}
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line == "backtrace:":
-            j = i + 1
-            while j < len(lines) and lines[j] != "end backtrace":
-                j += 1
-            meta["backtrace"] = "\n".join(lines[i + 1:j])
-            i = j + 1
-            continue
-        key, sep, value = line.partition(": ")
-        if sep:
-            if key == "annotation":
-                k, _, v = value.partition("=")
-                meta[f"annotation.{k}"] = v
-            else:
-                meta[key] = value
-        i += 1
-    return meta
 
 
 def _u32(data: bytes, offset: int) -> int:

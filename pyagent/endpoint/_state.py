@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pyagent.endpoint import _pki
+from pyagent._files import write_atomic
 from pyagent.endpoint._errors import StateError
 from pyagent.endpoint._log import log_event
 
@@ -69,22 +70,6 @@ class State:
     operator_token: str
     created: frozenset[str]  # what this run created: "state_dir", "ca", "server_cert", "agent_token", ...
     ca: _pki.KeyPair | None = None
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _read(path: Path) -> bytes:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from pyagent._crashrecord import parse_record
 from pyagent.runtime._log import log_event
 
 RECORD = "record.txt"
@@ -91,31 +92,6 @@ class CrashReport:
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "signal": self.signal, "meta": dict(self.meta),
                 "files": [{"name": f.name, "size": f.size} for f in self.files]}
-
-
-def parse_record(text: str) -> dict[str, str]:
-    """The `key: value` lines of a record (the backtrace section is returned whole under "backtrace")."""
-    meta: dict[str, str] = {}
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line == "backtrace:":
-            j = i + 1
-            while j < len(lines) and lines[j] != "end backtrace":
-                j += 1
-            meta["backtrace"] = "\n".join(lines[i + 1:j])
-            i = j + 1
-            continue
-        key, sep, value = line.partition(": ")
-        if sep:
-            if key == "annotation":
-                k, _, v = value.partition("=")
-                meta[f"annotation.{k}"] = v
-            else:
-                meta[key] = value
-        i += 1
-    return meta
 
 
 def _report_files(proc_dir: Path) -> list[ReportFile]:

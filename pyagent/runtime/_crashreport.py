@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pyagent._files import write_atomic
 from pyagent.protocol import INVALID_PARAMS, METHOD_NOT_FOUND, RemoteError
 from pyagent.runtime._crash import (
     COMPLETED,
@@ -136,7 +137,7 @@ class CrashReporter:
             return
         doc = {"agent": agent, "method": method, "where": where, "type": type, "message": message[:4096],
                "traceback": traceback[-MAX_TRACEBACK_CHARS:], "time": int(time.time() * 1000)}
-        _write(path / PYTHON_EXCEPTION, json.dumps(doc).encode())
+        write_atomic(path / PYTHON_EXCEPTION, json.dumps(doc).encode())
         self._wake.set()
 
     def record_hang(self, text: str) -> None:
@@ -144,7 +145,7 @@ class CrashReporter:
         path = self._new_dir("-hang-")
         if path is None:
             return
-        _write(path / "hang.txt", text[-MAX_TRACEBACK_CHARS:].encode())
+        write_atomic(path / "hang.txt", text[-MAX_TRACEBACK_CHARS:].encode())
         self._wake.set()
 
     # --- uploads ---
@@ -226,13 +227,6 @@ class CrashReporter:
     def stats(self) -> Mapping[str, int]:
         return {"uploaded": self.uploaded, "uploaded_bytes": self.uploaded_bytes, "dropped": self.dropped,
                 "given_up": self.given_up}
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:

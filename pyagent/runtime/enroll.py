@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from pyagent._files import write_atomic
 from pyagent.protocol import ENROLLMENT_PENDING
 
 EXIT_OK = 0
@@ -79,22 +80,6 @@ def _say(text: str) -> None:
     print(f"pyagent-host enroll: {text}", file=sys.stderr, flush=True)
 
 
-def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomically replace `path`; the file is created with `mode` (never briefly world-readable)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """The key at `path` (kept while an enrollment waits for approval), else a new EC P-256 key written 0600."""
     if path.exists():
@@ -102,7 +87,7 @@ def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
         if isinstance(key, ec.EllipticCurvePrivateKey):
             return key
     key = ec.generate_private_key(ec.SECP256R1())
-    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    write_atomic(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
     return key
 
@@ -164,7 +149,7 @@ def write_cert_info(state_dir: Path, pem: str | bytes, received_ms: int | None =
     data = pem.encode("ascii") if isinstance(pem, str) else pem
     info = cert_info(x509.load_pem_x509_certificate(data),
                      int(time.time() * 1000) if received_ms is None else received_ms)
-    write_private(state_dir / CERT_INFO_FILE, (json.dumps(info) + "\n").encode("ascii"), 0o644)
+    write_atomic(state_dir / CERT_INFO_FILE, (json.dumps(info) + "\n").encode("ascii"), 0o644)
     return info
 
 
@@ -191,8 +176,8 @@ def enroll_once(args: dict[str, Any], key: ec.EllipticCurvePrivateKey, csr: str)
         raise EnrollError("the endpoint's enroll.request result has no agent_id and certificate")
     agent_id = str(result["agent_id"])
     _check_certificate(result["certificate"], key, agent_id)
-    write_private(state_dir / ID_FILE, (agent_id + "\n").encode("ascii"))
-    write_private(state_dir / CERT_FILE, result["certificate"].encode("ascii"), 0o644)
+    write_atomic(state_dir / ID_FILE, (agent_id + "\n").encode("ascii"))
+    write_atomic(state_dir / CERT_FILE, result["certificate"].encode("ascii"), 0o644)
     write_cert_info(state_dir, result["certificate"])
     return agent_id
 
@@ -212,7 +197,7 @@ def enroll(args: dict[str, Any]) -> int:
             agent_id = enroll_once(args, key, csr)
         except Pending as exc:
             if exc.agent_id:
-                write_private(state_dir / ID_FILE, (exc.agent_id + "\n").encode("ascii"))
+                write_atomic(state_dir / ID_FILE, (exc.agent_id + "\n").encode("ascii"))
             if not announced_pending:
                 _say(f"pending: {exc}; asking again every {exc.retry_after:g} s")
                 announced_pending = True
@@ -247,7 +232,7 @@ def new_key(state_dir: Path) -> int:
     """Renewal: write a fresh key to agent.key.next and print its CSR on stdout (the worker sends it)."""
     key = ec.generate_private_key(ec.SECP256R1())
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_private(state_dir / NEXT_KEY_FILE, key.private_bytes(serialization.Encoding.PEM,
+    write_atomic(state_dir / NEXT_KEY_FILE, key.private_bytes(serialization.Encoding.PEM,
                                                                serialization.PrivateFormat.PKCS8,
                                                                serialization.NoEncryption()))
     sys.stdout.write(make_csr(key, "renewal"))
@@ -283,7 +268,7 @@ def install(state_dir: Path, stdin: Any) -> int:
         raise EnrollError(f"--install: the certificate cannot be read: {exc}") from None
     # The host reads key and certificate at each connect; the live session keeps the old ones.
     os.replace(next_key, state_dir / KEY_FILE)
-    write_private(state_dir / CERT_FILE, result["certificate"].encode("ascii"), 0o644)
+    write_atomic(state_dir / CERT_FILE, result["certificate"].encode("ascii"), 0o644)
     info = write_cert_info(state_dir, result["certificate"])
     sys.stdout.write(json.dumps(info) + "\n")
     sys.stdout.flush()

@@ -44,6 +44,18 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
     raise AssertionError(f"timed out after {timeout} s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+    """Send `sig` (if it still runs), wait up to `timeout`, then SIGKILL; return its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
 def host_binary() -> str:
     found = shutil.which("pyagent-host") or str(Path(sys.executable).parent / "pyagent-host")
     if not os.access(found, os.X_OK):
@@ -158,16 +170,7 @@ class EndpointProc:
                         f"agent {agent_id} to be connected to the endpoint on {self.listen}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        code = self.proc.returncode
+        code = stop_process(self.proc, sig, timeout) if self.proc is not None else 0
         self.proc = None
         return code
 
@@ -225,15 +228,6 @@ class AgentProc:
         return wait_for(lambda: text in self.log() and self.log(), timeout, f"{text!r} in the host log")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        code = self.proc.returncode
+        code = stop_process(self.proc, sig, timeout) if self.proc is not None else 0
         self.proc = None
         return code

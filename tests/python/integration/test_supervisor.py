@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from harness import BUNDLES, TEST_BUNDLES, EndpointProc, host_binary, wait_for
+from harness import BUNDLES, TEST_BUNDLES, EndpointProc, host_binary, stop_process, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -83,14 +83,7 @@ class SupervisorProc:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        code = self.proc.returncode
+        code = stop_process(self.proc, sig, timeout)
         # Workers die with their supervisor (PR_SET_PDEATHSIG); make sure of it so no test leaves one behind.
         for pid in self.worker_pids():
             if alive(pid):
