@@ -13,6 +13,13 @@
 #include <uv.h>
 
 #include "embed.h"
+
+/* Said by --version so that `pyagent package` can refuse a host that can be crashed on purpose. */
+#ifdef PYAGENT_RELEASE
+#define PA_BUILD_FLAVOUR ""
+#else
+#define PA_BUILD_FLAVOUR " [test hooks]"
+#endif
 #include "supervisor.h"
 #include "worker.h"
 
@@ -44,9 +51,9 @@ static int follow_supervisor(void) {
 int main(int argc, char **argv) {
   if (argc > 1 && (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0)) {
     /* Py_GetVersion is safe before initialisation. */
-    printf("pyagent-host %s (Python %.*s, libuv %s, %s, jansson %s)\n", PA_HOST_VERSION,
+    printf("pyagent-host %s (Python %.*s, libuv %s, %s, jansson %s)%s\n", PA_HOST_VERSION,
            (int)strcspn(Py_GetVersion(), " "), Py_GetVersion(), uv_version_string(), OPENSSL_VERSION_TEXT,
-           JANSSON_VERSION);
+           JANSSON_VERSION, PA_BUILD_FLAVOUR);
     return 0;
   }
   signal(SIGPIPE, SIG_IGN);

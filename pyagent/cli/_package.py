@@ -1,6 +1,6 @@
 """`pyagent package`: a ready-to-install .deb or .rpm of the agent for one endpoint, built with nfpm.
 
-The package holds the host binary, the part of the Python package the worker imports (`RUNTIME_FILES`), the default
+The package holds the host binary (a release build), pyagent without its operator side (`OPERATOR_ONLY`), the default
 bundles, the systemd unit, and `/etc/pyagent/agent.toml` filled in with the endpoint, its CA and the token. Layout:
 
     /usr/lib/pyagent/bin/pyagent-host     the host; finds /usr/lib/pyagent/python itself (csrc/embed.c)
@@ -41,7 +41,9 @@ STATE_DIR = "/var/lib/pyagent"
 SERVICE_USER = "pyagent"
 # pyagent's part of the runtime, relative to the directory holding the `pyagent` package; the endpoint and CLI stay
 # out. The third-party distributions the runtime imports are found by `runtime_distributions` and copied too.
-RUNTIME_FILES = ("pyagent/__init__.py", "pyagent/protocol", "pyagent/runtime")
+# The agent ships all of pyagent but what only the operator side uses: a fixed list of runtime files broke the
+# package each time a shared module was added.
+OPERATOR_ONLY = ("endpoint", "cli")
 FORMATS = ("deb", "rpm")
 # ELF e_machine -> (nfpm/Go arch, rpm soname suffix)
 _ELF_MACHINES = {62: ("amd64", "()(64bit)"), 183: ("arm64", "()(64bit)"), 3: ("386", ""), 40: ("arm7", "")}
@@ -66,6 +68,7 @@ class PackageSpec:
     token: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     release: str = "1"
+    allow_test_hooks: bool = False
 
 
 def add_package_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +86,8 @@ def add_package_arguments(parser: argparse.ArgumentParser) -> None:
                         help="package version (default: %(default)s)")
     parser.add_argument("--host", type=Path, default=None, metavar="PATH",
                         help="the pyagent-host binary to package (default: the one installed beside this pyagent)")
+    parser.add_argument("--allow-test-hooks", action="store_true",
+                        help="package a host built with test hooks (crash_test); for test packages only")
     parser.add_argument("--bundle", dest="bundles", type=Path, action="append", default=None, metavar="DIR",
                         help="a bundle directory to ship and enable (repeat; default: the example hello bundle)")
 
@@ -91,7 +96,7 @@ def run_package(args: argparse.Namespace) -> int:
     spec = PackageSpec(
         endpoints=list(args.endpoints), ca=args.ca, fmt=args.fmt, out=args.out, version=args.pkg_version,
         host=args.host or _default_host(), bundles=args.bundles or _default_bundles(), token=args.token,
-        labels=parse_labels(args.labels))
+        labels=parse_labels(args.labels), allow_test_hooks=args.allow_test_hooks)
     path = build_package(spec)
     print(path)
     return EXIT_OK
@@ -122,6 +127,7 @@ def build_package(spec: PackageSpec) -> Path:
     installers = installers_dir()
     host = _check_host(spec.host)
     arch, soname_suffix = _elf_arch(host)
+    _check_release_build(host, spec.allow_test_hooks)
     libs = linked_libraries(host)
     check_libpython(libs, need_debian=spec.fmt == "deb")
     ca_text = _check_ca(spec.ca)
@@ -300,15 +306,17 @@ def _stage_runtime(dest: Path) -> None:
     root = Path(pyagent.__file__).resolve().parent.parent
     for name in runtime_distributions(root):
         _stage_distribution(name, dest)
-    for rel in RUNTIME_FILES:
-        src = root / rel
+    package = root / "pyagent"
+    if not (package / "runtime" / "worker.py").is_file():
+        raise PackageError(f"the runtime is missing from this pyagent installation ({package})")
+    (dest / "pyagent").mkdir(parents=True, exist_ok=True)
+    for src in sorted(package.iterdir()):
+        if src.name in OPERATOR_ONLY or src.name == "__pycache__":
+            continue
         if src.is_dir():
-            shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-        else:
-            raise PackageError(f"the runtime file {src} is missing from this pyagent installation")
+            shutil.copytree(src, dest / "pyagent" / src.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.suffix in (".py", ".pyi"):
+            shutil.copy2(src, dest / "pyagent" / src.name)
 
 
 def _compile(stage: Path, libs: dict[str, str]) -> None:
@@ -355,6 +363,20 @@ def _check_host(host: Path) -> Path:
     if not host.is_file() or not os.access(host, os.X_OK):
         raise UsageError(f"--host {host}: not an executable file")
     return host.resolve()
+
+
+def _check_release_build(host: Path, allow_test_hooks: bool) -> None:
+    """Installed agents must not be crashable on purpose: refuse a host whose --version says it has test hooks."""
+    proc = subprocess.run([str(host), "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=30, check=False)
+    if proc.returncode != 0 or not proc.stdout.startswith("pyagent-host "):
+        raise PackageError(f"{host} --version failed: {(proc.stderr or proc.stdout).strip()[:200]}")
+    if "[test hooks]" in proc.stdout and not allow_test_hooks:
+        raise PackageError(
+            f"{host} was built with test hooks (_pyagent_host.crash_test): a package needs a release build — "
+            "cmake -S . -B build/release -DPYAGENT_RELEASE=ON -DCMAKE_BUILD_TYPE=Release "
+            "-DPython_EXECUTABLE=/usr/bin/python3 && cmake --build build/release, then --host "
+            "build/release/csrc/pyagent-host (or --allow-test-hooks for a test package)")
 
 
 def _elf_arch(host: Path) -> tuple[str, str]:

@@ -25,11 +25,11 @@ import pytest
 import rootfs
 from harness import BUNDLES, AgentProc, EndpointProc, wait_for
 from pyagent.cli._package import PackageSpec, build_package
+from release_host import release_host
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-HOST = Path(sys.executable).parent / "pyagent-host"
 APT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C.UTF-8",
            "HOME": "/root"}
 IDLE_SECONDS = 10
@@ -118,7 +118,7 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EndpointProc]
 def _package(endpoint: EndpointProc, out: Path, version: str, fmt: str = "deb") -> Path:
     return build_package(PackageSpec(
         endpoints=[endpoint.listen], ca=endpoint.ca, token=endpoint.agent_token, labels={"env": "test"}, fmt=fmt,
-        out=out, version=version, host=HOST, bundles=[BUNDLES / "hello"]))
+        out=out, version=version, host=release_host(), bundles=[BUNDLES / "hello"]))
 
 
 class InstalledAgent:

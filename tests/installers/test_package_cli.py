@@ -11,9 +11,10 @@ import pytest
 
 from harness import BUNDLES
 from installer_certs import make_cert
+from release_host import release_host
 
 REPO = Path(__file__).resolve().parents[2]
-HOST = Path(sys.executable).parent / "pyagent-host"
+VENV_HOST = Path(sys.executable).parent / "pyagent-host"  # a development build: it has test hooks
 
 
 def package(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -23,7 +24,7 @@ def package(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 def base_args(ca: Path, out: Path) -> list[str]:
     return ["--endpoint", "127.0.0.1:7443", "--ca", str(ca), "--format", "deb", "--out", str(out),
-            "--host", str(HOST), "--bundle", str(BUNDLES / "hello")]
+            "--host", str(release_host()), "--bundle", str(BUNDLES / "hello")]
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -86,3 +87,17 @@ def test_deb_metadata(ca_file: Path, tmp_path: Path) -> None:
     depends = [d.split()[0] for d in fields.split("Depends:", 1)[1].split("\n", 1)[0].split(",")]
     assert {"libpython3.11", "python3.11", "libuv1", "libssl3", "libjansson4", "libc6"} <= set(depends), depends
     assert "Version: 2.0.1-1" in fields and "Architecture: amd64" in fields
+
+
+def test_refuses_a_host_with_test_hooks(ca_file: Path, tmp_path: Path) -> None:
+    """An installed agent must not be crashable on purpose: the development build (test hooks) is refused unless the
+    operator says it is a test package."""
+    assert "[test hooks]" in subprocess.run([str(VENV_HOST), "--version"], capture_output=True, text=True).stdout
+    args = [a if a != str(release_host()) else str(VENV_HOST) for a in base_args(ca_file, tmp_path / "out")]
+    refused = package(*args)
+    assert refused.returncode != 0
+    assert "built with test hooks" in refused.stderr and "PYAGENT_RELEASE=ON" in refused.stderr
+    assert not list((tmp_path / "out").glob("*.deb"))
+    allowed = package(*args, "--allow-test-hooks")
+    assert allowed.returncode == 0, allowed.stderr
+    assert list((tmp_path / "out").glob("*.deb"))

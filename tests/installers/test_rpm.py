@@ -13,9 +13,9 @@ import pytest
 
 from installer_certs import make_cert
 from harness import BUNDLES
+from release_host import release_host
 
 REPO = Path(__file__).resolve().parents[2]
-HOST = Path(sys.executable).parent / "pyagent-host"
 
 
 def _rpm(*args: str) -> str:
@@ -31,7 +31,7 @@ def rpm_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run(
         [sys.executable, "-m", "pyagent.cli", "package", "--endpoint", "ep.example:7443", "--endpoint",
          "[2001:db8::1]:7443", "--ca", str(ca), "--token", 'tok"en', "--labels", "env=prod",
-         "site=par 1", "--format", "rpm", "--out", str(tmp / "out"), "--version", "1.2.3", "--host", str(HOST),
+         "site=par 1", "--format", "rpm", "--out", str(tmp / "out"), "--version", "1.2.3", "--host", str(release_host()),
          "--bundle", str(BUNDLES / "hello")],
         capture_output=True, text=True, timeout=300, check=False, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
