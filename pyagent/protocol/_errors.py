@@ -38,7 +38,8 @@ ERROR_NAMES: dict[int, str] = {
 
 
 class ProtocolError(Exception):
-    """A message we received breaks protocol v1; `code` is the error code to answer with."""
+    """A request is refused: a message breaks protocol v1, or the request cannot be served (a paused agent, bad
+    params); `code`, `message` and `data` are what to answer with."""
 
     def __init__(self, code: int, message: str, data: Any = None) -> None:
         super().__init__(message)

@@ -22,7 +22,7 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pyagent.protocol import AGENT_PAUSED, INVALID_PARAMS, METHOD_NOT_FOUND
+from pyagent.protocol import AGENT_PAUSED, INVALID_PARAMS, METHOD_NOT_FOUND, ProtocolError
 from pyagent.runtime._agent import Agent
 from pyagent.runtime._agentconfig import ConfigValueError, apply_config, config_spec, current_config
 from pyagent.runtime._log import log_event
@@ -35,14 +35,6 @@ CONTROL_METHODS = ("agent.status", "agent.pause", "agent.resume", "agent.stop", 
                    "agent.config.get", "agent.config.set", "agent.describe")
 
 _log = logging.getLogger("pyagent.runtime")
-
-
-class ControlError(Exception):
-    def __init__(self, code: int, message: str, data: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.data = data
 
 
 def describe(agents: Mapping[str, Agent]) -> dict[str, Any]:
@@ -177,16 +169,16 @@ class Controller:
     # --- control actions ---
 
     def check_callable(self, name: str) -> None:
-        """Raise ControlError(AGENT_PAUSED) when calls to `name` are refused."""
+        """Raise ProtocolError(AGENT_PAUSED) when calls to `name` are refused."""
         if name in self.paused:
-            raise ControlError(AGENT_PAUSED, f"agent object '{name}' is paused (agent.resume to continue)",
+            raise ProtocolError(AGENT_PAUSED, f"agent object '{name}' is paused (agent.resume to continue)",
                                {"agent": name, "state": "paused"})
 
     def is_control(self, method: str) -> bool:
         return method in CONTROL_METHODS
 
     async def handle(self, method: str, params: Mapping[str, Any]) -> Any:
-        """Answer one control action; raise ControlError."""
+        """Answer one control action; raise ProtocolError."""
         if method in ("agent.stop", "agent.restart"):
             _check_keys(method, params, ("agent",))
             code = 0 if method == "agent.stop" else EXIT_RESTART
@@ -224,17 +216,17 @@ class Controller:
         if method == "agent.config.set":
             values = params.get("values")
             if not isinstance(values, dict):
-                raise ControlError(INVALID_PARAMS, f"{method}: parameter 'values' must be an object",
+                raise ProtocolError(INVALID_PARAMS, f"{method}: parameter 'values' must be an object",
                                    {"parameter": "values", "expected": "object"})
             try:
                 new = apply_config(agent, values, f"{name}")
             except ConfigValueError as exc:
-                raise ControlError(INVALID_PARAMS, str(exc), {"parameter": f"values.{exc.field}" if exc.field
+                raise ProtocolError(INVALID_PARAMS, str(exc), {"parameter": f"values.{exc.field}" if exc.field
                                                               else "values", "field": exc.field}) from None
             log_event(_log, logging.INFO, "agent.config.changed", f"{name} config changed", agent=name,
                       fields=",".join(sorted(values)))
             return {"agent": name, "values": _jsonable(new)}
-        raise ControlError(METHOD_NOT_FOUND, f"method '{method}' not found")
+        raise ProtocolError(METHOD_NOT_FOUND, f"method '{method}' not found")
 
     def status(self, name: str) -> dict[str, Any]:
         agent = self.agents[name]
@@ -249,17 +241,17 @@ class Controller:
     def _agent_name(self, method: str, params: Mapping[str, Any]) -> str:
         name = params.get("agent")
         if name is None:
-            raise ControlError(INVALID_PARAMS, f"{method}: missing parameter 'agent'", {"parameter": "agent"})
+            raise ProtocolError(INVALID_PARAMS, f"{method}: missing parameter 'agent'", {"parameter": "agent"})
         if not isinstance(name, str):
-            raise ControlError(INVALID_PARAMS, f"{method}: parameter 'agent' must be a string",
+            raise ProtocolError(INVALID_PARAMS, f"{method}: parameter 'agent' must be a string",
                                {"parameter": "agent", "expected": "string"})
         if name not in self.agents:
             have = ", ".join(sorted(self.agents)) or "none"
-            raise ControlError(METHOD_NOT_FOUND, f"no agent object '{name}' (available: {have})")
+            raise ProtocolError(METHOD_NOT_FOUND, f"no agent object '{name}' (available: {have})")
         return name
 
 
 def _check_keys(method: str, params: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     for key in params:
         if key not in allowed:
-            raise ControlError(INVALID_PARAMS, f"{method}: unknown parameter '{key}'", {"parameter": key})
+            raise ProtocolError(INVALID_PARAMS, f"{method}: unknown parameter '{key}'", {"parameter": key})

@@ -45,7 +45,7 @@ from pyagent.protocol import (
 )
 from pyagent.runtime._agent import Agent
 from pyagent.runtime._allow import AllowList
-from pyagent.runtime._control import ControlError, Controller
+from pyagent.runtime._control import Controller
 from pyagent.runtime._errors import MessageTooLargeError, RequestTimeoutError, RuntimeStoppedError
 from pyagent.runtime._log import log_event
 from pyagent.runtime._schema import to_builtins
@@ -247,7 +247,7 @@ class Dispatcher:
         call.where = target.where
         try:
             self.controller.check_callable(target.agent)
-        except ControlError as exc:
+        except ProtocolError as exc:
             self._reply_error(call, exc.code, f"{target.where}: {exc.message}", exc.data)
             return
         try:
@@ -311,7 +311,7 @@ class Dispatcher:
     async def _run_control(self, call: _Call, method: str, params: Mapping[str, Any]) -> None:
         try:
             result = await self.controller.handle(method, params)
-        except ControlError as exc:
+        except ProtocolError as exc:
             self._reply_error(call, exc.code, exc.message, exc.data)
         except (Exception, SystemExit, KeyboardInterrupt) as exc:
             self._reply_exception(call, exc)
