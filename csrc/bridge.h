@@ -10,14 +10,7 @@
 
 #include <uv.h>
 
-typedef struct pa_buf_s {
-  char *data;
-  size_t len;
-  size_t cap;
-} pa_buf_t;
-
-int pa_buf_append(pa_buf_t *b, const char *data, size_t n);
-void pa_buf_free(pa_buf_t *b);
+#include "buf.h"
 
 typedef struct pa_bridge_s {
   uv_mutex_t lock;

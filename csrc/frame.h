@@ -4,6 +4,8 @@
 
 #include <stddef.h>
 
+#include "buf.h"
+
 /* Returned by pa_framer_feed when a line is longer than the limit. */
 #define PA_EFRAME_TOO_LARGE (-7001)
 
@@ -11,9 +13,7 @@
 typedef int (*pa_frame_cb)(void *ctx, const char *line, size_t len);
 
 typedef struct pa_framer_s {
-  char *buf;    /* the start of a line whose end has not arrived yet */
-  size_t len;
-  size_t cap;
+  pa_buf_t held; /* the start of a line whose end has not arrived yet */
   size_t limit; /* longest accepted line, newline not counted */
 } pa_framer_t;
 

@@ -271,7 +271,7 @@ TEST_IMPL(frame_free_while_holding) {
   ASSERT_UINT64_EQ(pa_framer_pending(&f), 100000);
   pa_framer_free(&f);
   ASSERT_UINT64_EQ(pa_framer_pending(&f), 0);
-  ASSERT_NULL(f.buf);
+  ASSERT_NULL(f.held.data);
   pa_framer_free(&f);
   ASSERT_EQ(c.n, 0);
   free(line);
