@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import AgentProc, EndpointProc
+from harness import AgentProc, EndpointProc, SupervisorProc
 
 pytestmark = pytest.mark.integration
 
@@ -36,3 +36,11 @@ def agent(tmp_path: Path, endpoint: EndpointProc, make_agent: type) -> AgentProc
     a: AgentProc = make_agent(tmp_path / "agent", [endpoint], endpoint.ca, endpoint.agent_token).start()
     endpoint.wait_connected(a.agent_id)
     return a
+
+
+@pytest.fixture
+def supervisors() -> Iterator[list[SupervisorProc]]:
+    started: list[SupervisorProc] = []
+    yield started
+    for sup in started:
+        sup.stop()

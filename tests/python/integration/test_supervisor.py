@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from harness import BUNDLES, TEST_BUNDLES, EndpointProc, host_binary, stop_process, wait_for
+from harness import BUNDLES, TEST_BUNDLES, EndpointProc, SupervisorProc, alive, host_binary, stop_process, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,88 +25,6 @@ FAST = ("[supervisor]\nrestart_min_ms = 100\nrestart_max_ms = 1500\nstable_ms = 
 ALLOW_LIFECYCLE = "[allow]\nlifecycle = true\n"
 # Workers that die before they connect still need an existing `ca` file in their config.
 ANY_FILE = Path(__file__).resolve()
-
-
-class SupervisorProc:
-    """`pyagent-host --config FILE`: the supervisor, with a config written by the test."""
-
-    def __init__(self, workdir: Path, endpoint: str, ca: Path, token: str, bundles: list[Path],
-                 extra: str = "", auth: str = "certificate") -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.state = workdir / "state"
-        self.config = workdir / "agent.toml"
-        self.config.write_text(
-            f'name = "{workdir.name}"\nstate_dir = "{self.state}"\nendpoints = ["{endpoint}"]\nca = "{ca}"\n'
-            f'token = "{token}"\nauth = "{auth}"\nbundles = {json.dumps([str(b) for b in bundles])}\n'
-            'log_level = "debug"\n' + extra + "\n[reconnect]\nmin_ms = 100\nmax_ms = 1000\n")
-        self.log_path = workdir / "supervisor.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> "SupervisorProc":
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([host_binary(), "--config", str(self.config)], stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_for(lambda: "event=supervisor.worker.started" in self.log() or self._died(), 30,
-                 "the supervisor to start a worker")
-        return self
-
-    def _died(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"the supervisor exited with {self.proc.returncode}:\n{self.log()}")
-        return False
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def events(self, event: str) -> list[dict[str, str]]:
-        """The key=value pairs of every log line with `event=<event>` (values without quotes or spaces)."""
-        out = []
-        for line in self.log().splitlines():
-            if f" event={event} " in line + " ":
-                out.append(dict(kv.split("=", 1) for kv in line.split() if "=" in kv))
-        return out
-
-    def worker_pids(self) -> list[int]:
-        return [int(e["pid"]) for e in self.events("supervisor.worker.started")]
-
-    def restarts(self) -> list[dict[str, Any]]:
-        path = self.state / "restarts.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines()]
-
-    @property
-    def agent_id(self) -> str:
-        return (self.state / "agent-id").read_text().strip()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
-        if self.proc is None:
-            return None
-        code = stop_process(self.proc, sig, timeout)
-        # Workers die with their supervisor (PR_SET_PDEATHSIG); make sure of it so no test leaves one behind.
-        for pid in self.worker_pids():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        self.proc = None
-        return code
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie of ours counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-@pytest.fixture
-def supervisors() -> Iterator[list[SupervisorProc]]:
-    started: list[SupervisorProc] = []
-    yield started
-    for sup in started:
-        sup.stop()
 
 
 def connected_sup(tmp_path: Path, endpoint: EndpointProc, supervisors: list[SupervisorProc], extra: str = FAST,
