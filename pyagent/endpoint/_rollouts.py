@@ -1,0 +1,714 @@
+"""Rollouts (docs/updates.md §4): members, waves, gates, halt/resume, supersede; offers through `agent.update`.
+
+One `RolloutManager` per endpoint. Everything is in the registry's SQLite database (tables `rollouts` and
+`rollout_members`, plus `_updates.py`'s); the engine is one task that evaluates the rollouts whose members changed
+(event-driven: `update.state` events, offer results, agents connecting) and every rollout once per TICK seconds (for
+crash reports, which arrive without a state change). Offers are tasks of their own, at most OFFER_CONCURRENCY at a
+time; `aclose()` cancels and awaits all of them.
+
+Member states: `pending` (its wave is not reached yet), `waiting` (reached, agent offline), the agent's reported
+states `offered` … `probation` (in progress), and the ends `committed`, `failed`, `rolled_back`, `refused`, `skipped`
+(the agent opted out or was pinned elsewhere after the rollout started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import re
+import secrets
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pyagent.endpoint._log import log_event
+from pyagent.endpoint._targets import AgentView, Selector, TargetError, views_from_db
+from pyagent.endpoint._updates import (
+    EVENT_NAME,
+    EVENT_OBJECT,
+    HOST_NAME,
+    UpdateStore,
+    check_name,
+    check_version,
+    now_ms,
+    parse_state_event,
+)
+from pyagent.protocol import AGENT_UNAVAILABLE, NOT_ALLOWED, RemoteError
+
+_log = logging.getLogger("pyagent.endpoint.rollouts")
+
+ROLLOUTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    id               TEXT PRIMARY KEY,
+    kind             TEXT NOT NULL,
+    name             TEXT NOT NULL,
+    version          TEXT NOT NULL,
+    selector         TEXT NOT NULL,
+    waves            TEXT NOT NULL,          -- JSON list of fractions, increasing, the last 1.0
+    max_failure_rate REAL NOT NULL,
+    max_crash_rate   REAL NOT NULL,
+    state            TEXT NOT NULL,          -- running | halted | completed | superseded
+    reason           TEXT NOT NULL DEFAULT '',
+    wave             INTEGER NOT NULL DEFAULT 0,
+    gate_since_ms    INTEGER NOT NULL,       -- the gate counts what ended after this (start, or the last resume)
+    created_ms       INTEGER NOT NULL,
+    updated_ms       INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_members (
+    rollout_id  TEXT NOT NULL,
+    agent_id    TEXT NOT NULL,
+    key         TEXT NOT NULL,               -- sha256(rollout id + agent id): the order
+    state       TEXT NOT NULL,
+    detail      TEXT NOT NULL DEFAULT '',
+    offered_ms  INTEGER,
+    ended_ms    INTEGER,
+    updated_ms  INTEGER NOT NULL,
+    PRIMARY KEY (rollout_id, agent_id)
+);
+CREATE INDEX IF NOT EXISTS rollout_members_agent ON rollout_members(agent_id);
+"""
+
+DEFAULT_WAVES = "1%,10%,50%,100%"
+DEFAULT_MAX_FAILURE_RATE = 0.05
+MAX_WAVES = 20
+TICK = 1.0
+OFFER_TIMEOUT = 30.0
+OFFER_CONCURRENCY = 64
+ROLLOUT_STATES = ("running", "halted", "completed", "superseded")
+IN_PROGRESS = frozenset({"offered", "downloading", "verifying", "staged", "restarting", "probation"})
+ENDED = frozenset({"committed", "failed", "rolled_back", "refused", "skipped"})
+NOT_OFFERED = frozenset({"pending", "waiting"})
+FAILED = frozenset({"failed", "rolled_back"})
+CRASH_KINDS = ("crash",)
+START_FIELDS = frozenset({"kind", "name", "version", "select", "waves", "max_failure_rate", "max_crash_rate"})
+_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+_NUMBER_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*$")
+
+
+class RolloutError(Exception):
+    """A refused operator request: `status` is the HTTP status, the message names the problem."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _bad(message: str) -> RolloutError:
+    return RolloutError(400, message)
+
+
+def parse_rate(value: Any, what: str) -> float:
+    """A rate: "5%", "0.5%", or a fraction in [0, 1] (number or string). RolloutError (400) otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _bad(f"'{what}' must be a percentage like 5% or a fraction from 0 to 1, got {value!r}")
+    if isinstance(value, str):
+        match = _PERCENT_RE.match(value)
+        if match:
+            rate = float(match.group(1)) / 100
+        elif _NUMBER_RE.match(value):
+            rate = float(value)
+        else:
+            raise _bad(f"'{what}' must be a percentage like 5% or a fraction from 0 to 1, got {value!r}")
+    else:
+        rate = float(value)
+    if not (math.isfinite(rate) and 0 <= rate <= 1):
+        raise _bad(f"'{what}' must be from 0% to 100% (or a fraction from 0 to 1), got {value!r}")
+    return rate
+
+
+def parse_waves(value: Any) -> list[float]:
+    """"1%,10%,50%,100%" (or a list of such items) → [0.01, 0.1, 0.5, 1.0]: each a percentage above 0 and at most
+    100, strictly increasing, the last 100%. RolloutError (400) names the bad item."""
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, list) and all(isinstance(x, str) for x in value):
+        items = list(value)
+    else:
+        raise _bad(f"'waves' must be a string like {DEFAULT_WAVES!r} or a list of percentages")
+    if not items or items == [""]:
+        raise _bad(f"'waves' is empty; expected percentages like {DEFAULT_WAVES!r}")
+    if len(items) > MAX_WAVES:
+        raise _bad(f"'waves' has {len(items)} waves, more than {MAX_WAVES}")
+    waves: list[float] = []
+    for i, item in enumerate(items, 1):
+        match = _PERCENT_RE.match(item)
+        if not match:
+            raise _bad(f"wave {i} {item.strip()!r} is not a percentage like 10% (waves: {DEFAULT_WAVES!r})")
+        percent = float(match.group(1))
+        if not 0 < percent <= 100:
+            raise _bad(f"wave {i} {item.strip()!r} must be above 0% and at most 100%")
+        if waves and percent / 100 <= waves[-1]:
+            raise _bad(f"wave {i} {item.strip()!r} is not larger than the wave before it; waves must increase")
+        waves.append(percent / 100)
+    if waves[-1] != 1.0:
+        raise _bad(f"the last wave must be 100%, got {items[-1].strip()!r}")
+    return waves
+
+
+def format_percent(rate: float) -> str:
+    return f"{rate * 100:.4g}%"
+
+
+def member_key(rollout_id: str, agent_id: str) -> str:
+    return hashlib.sha256((rollout_id + agent_id).encode("utf-8")).hexdigest()
+
+
+def wave_size(fraction: float, members: int) -> int:
+    """How many members the wave of `fraction` covers (at least 1 when there are members)."""
+    if members <= 0:
+        return 0
+    return min(members, max(1, math.ceil(round(fraction * members, 9))))
+
+
+def agent_platform(platform: Any) -> str | None:
+    """`<system>-<machine>` lower-case from a hello's platform, or None when the agent did not say."""
+    if not isinstance(platform, dict):
+        return None
+    system, machine = platform.get("system"), platform.get("machine")
+    if not isinstance(system, str) or not isinstance(machine, str) or not system or not machine:
+        return None
+    return f"{system}-{machine}".lower()
+
+
+def current_version(record: dict[str, Any], kind: str, name: str) -> str | None:
+    """The version of `kind name` an agent's last hello reported."""
+    if kind == "host":
+        version = record.get("host_version")
+        return version if isinstance(version, str) else None
+    for bundle in record.get("bundles") or ():
+        if isinstance(bundle, dict) and bundle.get("name") == name and isinstance(bundle.get("version"), str):
+            return str(bundle["version"])
+    return None
+
+
+class RolloutBackend(Protocol):
+    """What the manager needs from the endpoint."""
+
+    async def call(self, target: str, method: str, params: dict[str, Any] | None = None,
+                   timeout: float = ...) -> Any: ...
+    def is_connected(self, target: str) -> bool: ...
+    def agents(self) -> list[Any]: ...
+
+
+@dataclass
+class _Member:
+    agent_id: str
+    key: str
+    state: str
+    detail: str
+    offered_ms: int | None
+    ended_ms: int | None
+
+
+@dataclass
+class _Rollout:
+    id: str
+    kind: str
+    name: str
+    version: str
+    selector: str
+    waves: list[float]
+    max_failure_rate: float
+    max_crash_rate: float
+    state: str
+    reason: str
+    wave: int
+    gate_since_ms: int
+    created_ms: int
+    updated_ms: int
+
+
+_ROLLOUT_COLUMNS = ("id, kind, name, version, selector, waves, max_failure_rate, max_crash_rate, state, reason, wave,"
+                    " gate_since_ms, created_ms, updated_ms")
+
+
+def _rollout(row: tuple[Any, ...]) -> _Rollout:
+    return _Rollout(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8], row[9],
+                    row[10], row[11], row[12], row[13])
+
+
+class RolloutManager:
+    """Rollouts of one endpoint. `start()` after the endpoint listens, `aclose()` before the registry closes."""
+
+    def __init__(self, backend: RolloutBackend, db: sqlite3.Connection, updates: UpdateStore,
+                 crashes: Any = None, repo: Any = None, *, tick: float = TICK) -> None:
+        self._backend = backend
+        self._db = db
+        self._db.executescript(ROLLOUTS_SCHEMA)
+        self.updates = updates
+        self.crashes = crashes  # CrashStore (count_since) or None
+        # Anything with find_target(kind, name, version, platform) -> str | None; None: the backend's `repo`.
+        self.repo = repo
+        self.tick = tick
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._offers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._connects: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(OFFER_CONCURRENCY)
+        self._closed = False
+
+    # -- life cycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="pyagent-rollouts")
+
+    async def aclose(self) -> None:
+        self._closed = True
+        tasks = [t for t in (self._task, *self._offers.values(), *self._connects) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        self._offers.clear()
+        self._connects.clear()
+        self._task = None
+
+    async def _run(self) -> None:
+        while not self._closed:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.tick)
+                ticked = False
+            except TimeoutError:
+                ticked = True
+            self._wake.clear()
+            if ticked:
+                ids = [r[0] for r in self._db.execute(
+                    "SELECT id FROM rollouts WHERE state IN ('running', 'completed')").fetchall()]
+                self._dirty.update(ids)
+            dirty, self._dirty = self._dirty, set()
+            for rollout_id in sorted(dirty):
+                try:
+                    self.evaluate(rollout_id)
+                except Exception as exc:  # a bug must not stop the engine: log it, the next tick tries again
+                    _log.exception("rollout.evaluate_failed rollout=%s error=%s", rollout_id, exc)
+
+    def _touch(self, rollout_id: str) -> None:
+        self._dirty.add(rollout_id)
+        self._wake.set()
+
+    # -- reading -------------------------------------------------------------------------------------------------
+
+    def _get(self, rollout_id: str) -> _Rollout | None:
+        row = self._db.execute(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+        return None if row is None else _rollout(row)
+
+    def resolve(self, ref: str) -> str:
+        """A rollout id from an id or unique id prefix; RolloutError 404 otherwise."""
+        if self._get(ref) is not None:
+            return ref
+        rows = self._db.execute("SELECT id FROM rollouts WHERE id LIKE ? ESCAPE '\\'",
+                                (ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",)
+                                ).fetchall() if ref else []
+        if len(rows) == 1:
+            return str(rows[0][0])
+        if not rows:
+            raise RolloutError(404, f"no rollout {ref!r}")
+        raise RolloutError(404, f"{len(rows)} rollouts start with {ref!r}; give more of the id")
+
+    def _members(self, rollout_id: str) -> list[_Member]:
+        rows = self._db.execute("SELECT agent_id, key, state, detail, offered_ms, ended_ms FROM rollout_members"
+                                " WHERE rollout_id = ? ORDER BY key", (rollout_id,)).fetchall()
+        return [_Member(*row) for row in rows]
+
+    def _set_member(self, rollout_id: str, agent_id: str, state: str, detail: str = "", *,
+                    offered: bool = False) -> None:
+        now = now_ms()
+        self._db.execute(
+            "UPDATE rollout_members SET state = ?, detail = ?, updated_ms = ?,"
+            " offered_ms = CASE WHEN ? THEN ? ELSE offered_ms END,"
+            " ended_ms = CASE WHEN ? THEN ? ELSE NULL END WHERE rollout_id = ? AND agent_id = ?",
+            (state, detail, now, offered, now, state in ENDED, now, rollout_id, agent_id))
+
+    def _set_rollout(self, rollout: _Rollout, **changes: Any) -> None:
+        changes["updated_ms"] = now_ms()
+        for key, value in changes.items():
+            setattr(rollout, key, value)
+        sets = ", ".join(f"{key} = ?" for key in changes)
+        self._db.execute(f"UPDATE rollouts SET {sets} WHERE id = ?", (*changes.values(), rollout.id))
+
+    def _crash_counts(self, rollout: _Rollout, members: list[_Member]) -> int:
+        since = {m.agent_id: max(m.offered_ms, rollout.gate_since_ms) for m in members if m.offered_ms is not None}
+        if not since or self.crashes is None:
+            return 0
+        counts: dict[str, int] = self.crashes.count_since(since, CRASH_KINDS)
+        return sum(counts.values())
+
+    def _gate(self, rollout: _Rollout, members: list[_Member]) -> dict[str, Any]:
+        since = rollout.gate_since_ms
+        ended = [m for m in members if m.state in ENDED and m.state != "skipped"
+                 and (m.ended_ms is None or m.ended_ms >= since)]
+        judged = [m for m in ended if m.state != "refused"]
+        failed = sum(1 for m in judged if m.state in FAILED)
+        crashes = self._crash_counts(rollout, members)
+        return {"ended": len(ended), "failed": failed, "crashes": crashes,
+                "failure_rate": failed / len(judged) if judged else 0.0,
+                # before any member ended, one crash is a rate of 1 (crashes per member that ended, at least 1)
+                "crash_rate": crashes / max(len(ended), 1) if crashes else 0.0}
+
+    def describe(self, rollout_id: str, *, agents: bool = False) -> dict[str, Any]:
+        rollout = self._get(rollout_id)
+        if rollout is None:
+            raise RolloutError(404, f"no rollout {rollout_id!r}")
+        members = self._members(rollout_id)
+        counts: dict[str, int] = {}
+        for m in members:
+            counts[m.state] = counts.get(m.state, 0) + 1
+        gate = self._gate(rollout, members)
+        waves = []
+        start = 0
+        for i, fraction in enumerate(rollout.waves):
+            end = wave_size(fraction, len(members))
+            part = members[start:end]
+            waves.append({"wave": i + 1, "percent": format_percent(fraction), "members": len(part),
+                          "ended": sum(1 for m in part if m.state in ENDED),
+                          "committed": sum(1 for m in part if m.state == "committed"),
+                          "failed": sum(1 for m in part if m.state in FAILED),
+                          "in_progress": sum(1 for m in part if m.state in IN_PROGRESS),
+                          "waiting": sum(1 for m in part if m.state == "waiting"),
+                          "pending": sum(1 for m in part if m.state == "pending")})
+            start = max(start, end)
+        out: dict[str, Any] = {
+            "id": rollout.id, "kind": rollout.kind, "name": rollout.name, "version": rollout.version,
+            "select": rollout.selector, "waves": [format_percent(w) for w in rollout.waves],
+            "max_failure_rate": rollout.max_failure_rate, "max_crash_rate": rollout.max_crash_rate,
+            "state": rollout.state, "reason": rollout.reason, "wave": rollout.wave + 1,
+            "created_ms": rollout.created_ms, "updated_ms": rollout.updated_ms, "members": len(members),
+            "counts": dict(sorted(counts.items())), "wave_progress": waves, **gate}
+        if agents:
+            names = {r[0]: r[1] for r in self._db.execute(
+                "SELECT a.agent_id, a.name FROM agents a JOIN rollout_members m ON m.agent_id = a.agent_id"
+                " WHERE m.rollout_id = ?", (rollout_id,))}
+            out["agents"] = [{"agent_id": m.agent_id, "name": names.get(m.agent_id), "state": m.state,
+                              "detail": m.detail, "offered_ms": m.offered_ms, "ended_ms": m.ended_ms}
+                             for m in members]
+        return out
+
+    def list(self) -> list[dict[str, Any]]:
+        ids = [r[0] for r in self._db.execute("SELECT id FROM rollouts ORDER BY created_ms DESC, id").fetchall()]
+        return [self.describe(i) for i in ids]
+
+    # -- operator actions ----------------------------------------------------------------------------------------
+
+    def _find_target(self, kind: str, name: str, version: str, platform: str | None) -> str | None:
+        try:
+            repo = self.repo if self.repo is not None else getattr(self._backend, "repo", None)
+        except Exception:  # the endpoint's property raises while it closes
+            repo = None
+        if repo is None:
+            raise RolloutError(409, "the endpoint has no update repository (it is created when the endpoint "
+                                    "starts with updates enabled, or with `pyagent release init`)")
+        found = repo.find_target(kind, name, version, platform)
+        return None if found is None else str(found)
+
+    def create(self, spec: Any) -> dict[str, Any]:
+        """Start a rollout from the API body `{"kind", "name", "version", "select", "waves", "max_failure_rate",
+        "max_crash_rate"}`; RolloutError names what is wrong."""
+        if not isinstance(spec, dict):
+            raise _bad("the request body must be a JSON object")
+        unknown = sorted(set(spec) - START_FIELDS)
+        if unknown:
+            raise _bad(f"unknown field '{unknown[0]}' (expected {', '.join(sorted(START_FIELDS))})")
+        kind = spec.get("kind")
+        if kind not in ("bundle", "host"):
+            raise _bad("'kind' must be \"bundle\" or \"host\"")
+        name = spec.get("name", HOST_NAME if kind == "host" else None)
+        if not isinstance(name, str):
+            raise _bad("'name' must be the bundle's name")
+        version = spec.get("version")
+        if not isinstance(version, str):
+            raise _bad("'version' must be a string, e.g. \"1.2.0\"")
+        problem = check_name(kind, name) or check_version(version)
+        if problem:
+            raise _bad(problem)
+        select = spec.get("select", "*")
+        if not isinstance(select, str):
+            raise _bad("'select' must be a target selector string, e.g. \"env=prod\" or \"*\"")
+        try:
+            selector = Selector.parse(select)
+        except TargetError as exc:
+            raise _bad(f"bad selector {select!r}: {exc}") from None
+        waves = parse_waves(spec.get("waves", DEFAULT_WAVES))
+        max_failure = parse_rate(spec.get("max_failure_rate", DEFAULT_MAX_FAILURE_RATE), "max_failure_rate")
+        max_crash = parse_rate(spec["max_crash_rate"], "max_crash_rate") \
+            if spec.get("max_crash_rate") is not None else max_failure
+        views = [v for v in selector.select(views_from_db(self._db)) if v.status == "active"]
+        if not views:
+            raise _bad(f"no active agent matches the selector {select!r}")
+        records = {str(r["agent_id"]): dict(r) for r in self._backend.agents()}
+        # Released? A bundle once; a host for every platform among the members.
+        if kind == "bundle":
+            if self._find_target(kind, name, version, None) is None:
+                raise RolloutError(409, f"bundle {name} {version} is not released: publish it first with "
+                                        "`pyagent release bundle PATH`")
+        else:
+            platforms = sorted({agent_platform(records.get(v.agent_id, {}).get("platform")) or "unknown"
+                                for v in views})
+            missing = [p for p in platforms if p == "unknown" or self._find_target(kind, name, version, p) is None]
+            if missing:
+                raise RolloutError(409, f"host {version} is not released for {', '.join(missing)}: publish it first "
+                                        f"with `pyagent release host BINARY --platform {missing[0]} --version "
+                                        f"{version}`")
+        rollout_id = "ro-" + secrets.token_hex(5)
+        now = now_ms()
+        policies = self.updates.policies()
+        with self._db:
+            self._db.execute("BEGIN")
+            superseded = [r[0] for r in self._db.execute(
+                "SELECT id FROM rollouts WHERE kind = ? AND name = ? AND state != 'superseded'", (kind, name))]
+            for old in superseded:
+                self._db.execute("UPDATE rollouts SET state = 'superseded', reason = ?, updated_ms = ? WHERE id = ?",
+                                 (f"superseded by {rollout_id} ({name} {version})", now, old))
+            self._db.execute(
+                f"INSERT INTO rollouts ({_ROLLOUT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', '', 0, ?, ?, ?)",
+                (rollout_id, kind, name, version, select, json.dumps(waves), max_failure, max_crash, now, now, now))
+            for view in views:
+                policy = policies.get(view.agent_id)
+                if policy is not None and policy.excludes(kind, name, version):
+                    continue
+                self._insert_member(rollout_id, kind, name, version, view.agent_id, records.get(view.agent_id), now)
+        for old in superseded:
+            log_event(_log, logging.INFO, "rollout.superseded", rollout=old, by=rollout_id)
+        log_event(_log, logging.INFO, "rollout.started", rollout=rollout_id, kind=kind, name=name, version=version,
+                  select=select, waves=",".join(format_percent(w) for w in waves), max_failure_rate=max_failure,
+                  max_crash_rate=max_crash, members=len(views))
+        self.evaluate(rollout_id)
+        return self.describe(rollout_id)
+
+    def _insert_member(self, rollout_id: str, kind: str, name: str, version: str, agent_id: str,
+                       record: dict[str, Any] | None, now: int) -> None:
+        at_version = record is not None and current_version(record, kind, name) == version
+        self._db.execute(
+            "INSERT OR IGNORE INTO rollout_members (rollout_id, agent_id, key, state, detail, offered_ms, ended_ms,"
+            " updated_ms) VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
+            (rollout_id, agent_id, member_key(rollout_id, agent_id), "committed" if at_version else "pending",
+             f"already at {version}" if at_version else "", now if at_version else None, now))
+
+    def halt(self, ref: str, reason: str = "halted by an operator") -> dict[str, Any]:
+        rollout = self._get(self.resolve(ref))
+        assert rollout is not None
+        if rollout.state not in ("running", "completed"):
+            raise RolloutError(409, f"rollout {rollout.id} is {rollout.state}; only a running or completed rollout "
+                                    "can be halted")
+        self._halt(rollout, reason)
+        return self.describe(rollout.id)
+
+    def _halt(self, rollout: _Rollout, reason: str) -> None:
+        self._set_rollout(rollout, state="halted", reason=reason)
+        log_event(_log, logging.WARNING, "rollout.halted", rollout=rollout.id, reason=reason)
+
+    def resume(self, ref: str) -> dict[str, Any]:
+        rollout = self._get(self.resolve(ref))
+        assert rollout is not None
+        if rollout.state != "halted":
+            raise RolloutError(409, f"rollout {rollout.id} is {rollout.state}; only a halted rollout can be resumed")
+        # The gate starts counting afresh: what failed before the resume is what the operator looked at.
+        self._set_rollout(rollout, state="running", reason="", gate_since_ms=now_ms())
+        log_event(_log, logging.INFO, "rollout.resumed", rollout=rollout.id, wave=rollout.wave + 1)
+        self.evaluate(rollout.id)
+        return self.describe(rollout.id)
+
+    # -- the engine ----------------------------------------------------------------------------------------------
+
+    def evaluate(self, rollout_id: str) -> None:
+        """Check the gate, offer to the reached members that are connected, advance waves, complete."""
+        rollout = self._get(rollout_id)
+        if rollout is None or rollout.state not in ("running", "completed") or self._closed:
+            return
+        members = self._members(rollout_id)
+        gate = self._gate(rollout, members)
+        if gate["failure_rate"] > rollout.max_failure_rate:
+            self._halt(rollout, f"failure rate {format_percent(gate['failure_rate'])} ({gate['failed']} of "
+                                f"{gate['ended']} ended) is above the limit "
+                                f"{format_percent(rollout.max_failure_rate)}")
+            return
+        if gate["crash_rate"] > rollout.max_crash_rate:
+            self._halt(rollout, f"crash rate {format_percent(gate['crash_rate'])} ({gate['crashes']} crash reports, "
+                                f"{gate['ended']} members ended) is above the limit "
+                                f"{format_percent(rollout.max_crash_rate)}")
+            return
+        records: dict[str, dict[str, Any]] | None = None
+        policies = self.updates.policies()
+        while True:
+            reached = members[:wave_size(rollout.waves[rollout.wave], len(members))]
+            for m in reached:
+                if m.state not in NOT_OFFERED or (rollout.id, m.agent_id) in self._offers:
+                    continue
+                if records is None:
+                    records = {str(r["agent_id"]): dict(r) for r in self._backend.agents()}
+                self._consider(rollout, m, records.get(m.agent_id), policies.get(m.agent_id))
+            if any(m.state in IN_PROGRESS for m in reached):
+                break
+            if rollout.wave + 1 < len(rollout.waves):
+                self._set_rollout(rollout, wave=rollout.wave + 1)
+                log_event(_log, logging.INFO, "rollout.wave", rollout=rollout.id, wave=rollout.wave + 1,
+                          percent=format_percent(rollout.waves[rollout.wave]))
+                continue
+            if rollout.state == "running":
+                self._set_rollout(rollout, state="completed")
+                log_event(_log, logging.INFO, "rollout.completed", rollout=rollout.id,
+                          waiting=sum(1 for m in members if m.state == "waiting"))
+            break
+
+    def _consider(self, rollout: _Rollout, m: _Member, record: dict[str, Any] | None, policy: Any) -> None:
+        """A reached member not offered yet: skip, count as committed, mark waiting, or offer."""
+        excluded = policy.excludes(rollout.kind, rollout.name, rollout.version) if policy is not None else None
+        state, detail = m.state, m.detail
+        if excluded:
+            state, detail = "skipped", excluded
+        elif record is not None and current_version(record, rollout.kind, rollout.name) == rollout.version:
+            state, detail = "committed", f"already at {rollout.version}"
+        elif not self._backend.is_connected(m.agent_id):
+            state, detail = "waiting", "offline: offered when it connects"
+        else:
+            self._offer(rollout, m, record)
+            return
+        if (state, detail) != (m.state, m.detail):
+            self._set_member(rollout.id, m.agent_id, state, detail)
+            m.state, m.detail = state, detail
+            if state in ENDED:
+                m.ended_ms = now_ms()
+
+    def _offer(self, rollout: _Rollout, m: _Member, record: dict[str, Any] | None) -> None:
+        platform = agent_platform((record or {}).get("platform")) if rollout.kind == "host" else None
+        try:
+            target = self._find_target(rollout.kind, rollout.name, rollout.version, platform) \
+                if rollout.kind == "bundle" or platform is not None else None
+        except Exception as exc:  # the repository cannot answer now: fail this member, the gate decides
+            target, problem = None, f"the update repository failed: {exc}"
+        else:
+            problem = (f"host {rollout.version} is not released for {platform or 'the agent platform (unknown)'}"
+                       if target is None else "")
+        if target is None:
+            self._set_member(rollout.id, m.agent_id, "failed", problem)
+            m.state, m.detail, m.ended_ms = "failed", problem, now_ms()
+            return
+        self._set_member(rollout.id, m.agent_id, "offered", "", offered=True)
+        m.state, m.detail, m.offered_ms = "offered", "", now_ms()
+        self.updates.record(m.agent_id, rollout.kind, rollout.name, rollout.version, "offered", "", rollout.id)
+        params = {"kind": rollout.kind, "name": rollout.name, "version": rollout.version, "target": target,
+                  "rollout": rollout.id}
+        key = (rollout.id, m.agent_id)
+        task = asyncio.get_running_loop().create_task(self._call_offer(rollout.id, m.agent_id, params))
+        self._offers[key] = task
+        task.add_done_callback(lambda _t: self._offers.pop(key, None))
+
+    async def _call_offer(self, rollout_id: str, agent_id: str, params: dict[str, Any]) -> None:
+        async with self._slots:
+            try:
+                await self._backend.call(agent_id, "agent.update", params, OFFER_TIMEOUT)
+                log_event(_log, logging.INFO, "rollout.offered", rollout=rollout_id, agent=agent_id,
+                          version=params["version"])
+                return
+            except RemoteError as exc:
+                code, message = exc.code, exc.message
+            except Exception as exc:  # the endpoint is closing, or a bug: this member failed, others go on
+                code, message = 0, f"{type(exc).__name__}: {exc}"
+        row = self._db.execute("SELECT state FROM rollout_members WHERE rollout_id = ? AND agent_id = ?",
+                               (rollout_id, agent_id)).fetchone()
+        if row is None or row[0] != "offered":  # an event already moved it on
+            return
+        if code == AGENT_UNAVAILABLE:
+            state, detail = "waiting", f"offline: offered when it connects ({message})"
+        elif code == NOT_ALLOWED:
+            state, detail = "refused", message
+        else:
+            state, detail = "failed", message
+        self._set_member(rollout_id, agent_id, state, detail)
+        if state != "waiting":
+            self.updates.record(agent_id, params["kind"], params["name"], params["version"], state, detail,
+                                rollout_id)
+        log_event(_log, logging.WARNING, "rollout.offer_failed", rollout=rollout_id, agent=agent_id, state=state,
+                  reason=message)
+        self._touch(rollout_id)
+
+    # -- inputs: agents' events and connections ------------------------------------------------------------------
+
+    def on_event(self, record: dict[str, Any], view: AgentView) -> None:
+        """An `update.state` event the EventHub stored (called for every stored event; filters its own)."""
+        if record.get("object") != EVENT_OBJECT or record.get("event") != EVENT_NAME or self._closed:
+            return
+        try:
+            report = parse_state_event(record.get("data"))
+        except ValueError as exc:
+            log_event(_log, logging.WARNING, "update.bad_state_event", agent=view.agent_id, reason=str(exc))
+            return
+        self.updates.record(view.agent_id, report.kind, report.name, report.version, report.state, report.detail,
+                            report.rollout, report.progress)
+        if report.rollout is None:
+            return
+        row = self._db.execute(
+            "SELECT m.state, r.kind, r.name, r.version FROM rollout_members m JOIN rollouts r ON r.id = m.rollout_id"
+            " WHERE m.rollout_id = ? AND m.agent_id = ?", (report.rollout, view.agent_id)).fetchone()
+        if row is None or row[0] in ENDED or (row[1], row[2], row[3]) != (report.kind, report.name, report.version):
+            return
+        self._set_member(report.rollout, view.agent_id, report.state, report.detail,
+                         offered=report.state == "offered" and row[0] in NOT_OFFERED)
+        self._touch(report.rollout)
+
+    def on_hello(self, agent_id: str) -> None:
+        """An agent finished its handshake: schedule (never await) joining rollouts and offering to it."""
+        if self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._on_connect(agent_id))
+        self._connects.add(task)
+        task.add_done_callback(self._connects.discard)
+
+    async def _on_connect(self, agent_id: str) -> None:
+        live = [_rollout(r) for r in self._db.execute(
+            f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts WHERE state IN ('running', 'completed', 'halted')")]
+        if not live:
+            return
+        member_of = {r[0]: r[1] for r in self._db.execute(
+            "SELECT rollout_id, state FROM rollout_members WHERE agent_id = ?", (agent_id,))}
+        view = next((v for v in _views_of(self._db, (agent_id,))), None)
+        if view is None:
+            return
+        record: dict[str, Any] | None = None
+        policy = self.updates.policy(agent_id)
+        for rollout in live:
+            if rollout.id not in member_of:
+                try:
+                    selector = Selector.parse(rollout.selector)
+                except TargetError:
+                    continue
+                if view.status != "active" or not (selector.matches(view) or (
+                        selector.kind == "plain" and view.hostname == selector.text)):
+                    continue
+                if policy.excludes(rollout.kind, rollout.name, rollout.version):
+                    continue
+                if record is None:
+                    found = next((r for r in self._backend.agents() if r["agent_id"] == agent_id), None)
+                    record = dict(found) if found is not None else {}
+                self._insert_member(rollout.id, rollout.kind, rollout.name, rollout.version, agent_id, record,
+                                    now_ms())
+                log_event(_log, logging.INFO, "rollout.member_added", rollout=rollout.id, agent=agent_id)
+            elif member_of[rollout.id] not in NOT_OFFERED:
+                continue
+            self._touch(rollout.id)
+
+
+def _views_of(db: sqlite3.Connection, agent_ids: Iterable[str]) -> list[AgentView]:
+    """The selection views of some agents (views_from_db reads every agent; this reads a few)."""
+    ids = list(agent_ids)
+    marks = ",".join("?" * len(ids))
+    rows = db.execute("SELECT agent_id, name, platform, labels, capabilities, connected, status FROM agents"
+                      f" WHERE agent_id IN ({marks})", ids).fetchall()
+    out = []
+    for agent_id, name, platform, labels, caps, connected, status in rows:
+        labels_v = json.loads(labels) if labels else {}
+        caps_v = json.loads(caps) if caps else []
+        host = json.loads(platform).get("hostname", "") if platform else ""
+        out.append(AgentView(agent_id, name, str(host), {str(k): str(v) for k, v in labels_v.items()},
+                             tuple(str(c) for c in caps_v), bool(connected), str(status or "active")))
+    return out
+
+
+__all__ = ["DEFAULT_MAX_FAILURE_RATE", "DEFAULT_WAVES", "RolloutError", "RolloutManager", "agent_platform",
+           "current_version", "format_percent", "member_key", "parse_rate", "parse_waves", "wave_size"]
