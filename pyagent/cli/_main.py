@@ -17,7 +17,10 @@ from pyagent.cli._describe import run_describe
 from pyagent.cli._events import add_events_command
 from pyagent.cli._demo import run_demo
 from pyagent.cli._errors import EXIT_FAILED, EXIT_INTERRUPTED, CliError
+from pyagent.cli._release import add_release_commands
+from pyagent.cli._rollout import add_rollout_commands
 from pyagent.cli._serve import add_serve_arguments, run_serve
+from pyagent.cli._updates import add_updates_commands
 from pyagent.cli._tokens import add_agent_status_commands, add_token_commands
 
 
@@ -63,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_agent_status_commands(agents_commands, client)
     add_token_commands(commands, client)
     add_crash_commands(commands, client)
+    add_release_commands(commands, client)
 
     call = commands.add_parser(
         "call", parents=[client], help="call a method of an agent object",
@@ -87,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     describe.set_defaults(handler=run_describe)
     add_events_command(commands, client)
     add_control_commands(commands, client)
+    add_rollout_commands(commands, client)
+    add_updates_commands(commands, client)
 
     demo = commands.add_parser("demo", help="start an endpoint and a real agent, call hello.greet, stop both")
     demo.add_argument("--keep", action="store_true", help="keep the demo's files (configs, logs) afterwards")

@@ -47,6 +47,9 @@ def run_serve(args: argparse.Namespace) -> int:
             crash_loop_count=args.crash_loop_count,
             crash_loop_window=args.crash_loop_window,
             agent_call_policy=args.agent_call_policy,
+            tuf_timestamp_expiry_s=args.tuf_timestamp_expiry,
+            tuf_snapshot_expiry_s=args.tuf_snapshot_expiry,
+            tuf_targets_expiry_s=args.tuf_targets_expiry,
         )
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
@@ -129,6 +132,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                               "(default: %(default)s)")
     crashes.add_argument("--crash-loop-window", type=float, default=300.0, metavar="SECONDS",
                          help="default: %(default)s")
+    updates = parser.add_argument_group("update repository (docs/updates.md): metadata lifetimes")
+    updates.add_argument("--tuf-timestamp-expiry", type=float, default=86400.0, metavar="SECONDS",
+                         help="the timestamp's lifetime; re-signed when half has passed (default: %(default)s)")
+    updates.add_argument("--tuf-snapshot-expiry", type=float, default=604800.0, metavar="SECONDS",
+                         help="default: %(default)s")
+    updates.add_argument("--tuf-targets-expiry", type=float, default=7776000.0, metavar="SECONDS",
+                         help="set by each release (default: %(default)s)")
     parser.add_argument("--agent-call-policy", choices=("same-group", "any", "none"), default="same-group",
                         help="which agents a bundle's `self.call` may reach: its own group (the `group` label), any "
                         "agent, or none (default: %(default)s)")

@@ -29,6 +29,8 @@ from pyagent.endpoint._log import log_event, log_exception
 from pyagent.endpoint._net import bind_listeners, peer_name
 from pyagent.endpoint._events import events_response
 from pyagent.endpoint._registry import AgentRecord
+from pyagent.endpoint._releases_api import release_routes
+from pyagent.endpoint._rollouts_api import rollout_routes
 from pyagent.endpoint._targets import DEFAULT_CONCURRENCY, MAX_CONCURRENCY
 from pyagent.endpoint._tokens import SCOPES, TokenFormatError, parse_duration, scope_allows
 from pyagent.protocol import (
@@ -73,6 +75,8 @@ class ApiBackend(Protocol):
     def crashes(self) -> Any: ...
     @property
     def tokens(self) -> Any: ...
+    @property
+    def repo(self) -> Any: ...
 
 
 def _error(status: int, code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -370,6 +374,8 @@ def create_app(backend: ApiBackend, authenticate: Authenticator, *, max_body_byt
             Route("/api/v1/operator-tokens", requires("admin", list_operator_tokens), methods=["GET"]),
             Route("/api/v1/operator-tokens/{token_id}", requires("admin", revoke_operator_token),
                   methods=["DELETE"]),
+            *rollout_routes(backend, requires, max_body_bytes),
+            *release_routes(backend, requires),
         ],
         middleware=[Middleware(BearerAuth, authenticate=authenticate)],
         exception_handlers={HTTPException: http_error},

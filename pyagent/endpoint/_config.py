@@ -82,6 +82,11 @@ class EndpointConfig:
     crash_loop_window: float = 300.0
     # Which agents an agent may call through the endpoint (`agent.call`): same-group, any, none (`_discovery.py`).
     agent_call_policy: str = "same-group"
+    # Lifetimes of the TUF metadata (docs/updates.md §1): the endpoint re-signs timestamp and snapshot when less than
+    # half is left; targets is the lifetime `pyagent release` gives a new targets version.
+    tuf_timestamp_expiry_s: float = 86400.0
+    tuf_snapshot_expiry_s: float = 604800.0
+    tuf_targets_expiry_s: float = 7776000.0
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "api_port"):
@@ -107,6 +112,10 @@ class EndpointConfig:
             raise ConfigError(f"crash_loop_count must be an integer from 2 to 1000, got {self.crash_loop_count!r}")
         if not isinstance(self.crash_loop_window, (int, float)) or not 0 < self.crash_loop_window <= 86400 * 7:
             raise ConfigError(f"crash_loop_window must be seconds in (0, 604800], got {self.crash_loop_window!r}")
+        for name in ("tuf_timestamp_expiry_s", "tuf_snapshot_expiry_s", "tuf_targets_expiry_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 1 <= value <= 10 * 365 * 86400:
+                raise ConfigError(f"{name} must be a number of seconds from 1 to 10 years, got {value!r}")
         if self.agent_call_policy not in ("same-group", "any", "none"):
             raise ConfigError(f"agent_call_policy must be same-group, any or none, got {self.agent_call_policy!r}")
         if not isinstance(self.max_frame_bytes, int) or not 64 <= self.max_frame_bytes <= 1 << 30:

@@ -604,6 +604,21 @@ class CrashStore:
                 bundles[item] = bundles.get(item, 0) + 1
         return {"since": since, "version": version, "total": total, "host_versions": hosts, "bundles": bundles}
 
+    def count_since(self, since: Mapping[str, int], kinds: tuple[str, ...] = ("crash",)) -> dict[str, int]:
+        """Reports of `kinds` per agent with crash time >= that agent's `since` (ms since the epoch), for the
+        agents in `since` (rollout crash gates, `_rollouts.py`); one query."""
+        if not since:
+            return {}
+        marks = ",".join("?" * len(kinds))
+        rows = self._db.execute(f"SELECT agent_id, time FROM crash_reports WHERE time >= ? AND kind IN ({marks})",
+                                (min(since.values()), *kinds)).fetchall()
+        counts: dict[str, int] = {}
+        for agent_id, when in rows:
+            start = since.get(agent_id)
+            if start is not None and when >= start:
+                counts[agent_id] = counts.get(agent_id, 0) + 1
+        return counts
+
     # -- the protocol ----------------------------------------------------------------------------------------
 
     def handle(self, session: CrashSession, msg_id: int | None, method: str, params: dict[str, Any]) -> None:

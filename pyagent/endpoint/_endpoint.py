@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -21,8 +22,11 @@ from pyagent.endpoint._targets import DEFAULT_CONCURRENCY, AgentView, Selector, 
 from pyagent.endpoint._log import log_event
 from pyagent.endpoint._net import dial_host
 from pyagent.endpoint._registry import AgentRecord, Registry
+from pyagent.endpoint._rollouts import RolloutManager
+from pyagent.endpoint._updates import UpdateStore
 from pyagent.endpoint._server import AgentServer
 from pyagent.endpoint._session import SessionSettings
+from pyagent.endpoint._tufrepo import Expiry, RepoError, TufRepo, open_or_create
 from pyagent.endpoint._state import State, StatePaths, prepare_state, server_ssl_context, write_endpoint_json
 from pyagent.protocol import AGENT_UNAVAILABLE, INVALID_PARAMS, NOT_ALLOWED, TIMEOUT, UNAUTHORIZED, RemoteError
 
@@ -52,7 +56,10 @@ class Endpoint:
         self._enroller: Enroller | None = None
         self._events: EventHub | None = None
         self._crashes: CrashStore | None = None
+        self._rollouts: RolloutManager | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._repo: TufRepo | None = None
+        self._repo_handle: asyncio.TimerHandle | None = None
         self._closed = asyncio.Event()
         self._closing = False
         self._started = False
@@ -97,6 +104,11 @@ class Endpoint:
                 registry.db, state.paths.root / "crashes", max_report_bytes=config.crash_max_report_bytes,
                 loop_count=config.crash_loop_count, loop_window=config.crash_loop_window)
             self._server.agent_requests = AgentRequests(self, config.agent_call_policy)
+            self._repo = self._server.repo = self._open_repo(state.paths.root)
+            self._rollouts = rollouts = RolloutManager(self, registry.db, UpdateStore(registry.db), self._crashes)
+            self._events.add_listener(rollouts.on_event)
+            self._server.on_connected = rollouts.on_hello
+            rollouts.start()
             self.listen_port = await self._server.start(config.listen_host, config.listen_port)
             if config.api_enabled:
                 self._api = ApiServer(create_app(self, tokens.authenticate_operator,
@@ -128,7 +140,11 @@ class Endpoint:
         try:
             if self._flush_handle is not None:
                 self._flush_handle.cancel()
+            if self._repo_handle is not None:
+                self._repo_handle.cancel()
             closers = []
+            if self._rollouts is not None:
+                await self._rollouts.aclose()
             if self._events is not None:
                 self._events.close()
             if self._server is not None:
@@ -162,6 +178,42 @@ class Endpoint:
         if self._registry is not None and not self._closing:
             self._registry.flush()
             self._schedule_flush()
+
+    # -- the TUF repository (docs/updates.md §1) ---------------------------------------------------------------
+
+    def _open_repo(self, root: Path) -> TufRepo:
+        expiry = Expiry(self.config.tuf_timestamp_expiry_s, self.config.tuf_snapshot_expiry_s,
+                        self.config.tuf_targets_expiry_s)
+        repo, made = open_or_create(root / "tuf", root / "tuf-keys", expiry)
+        if any(path.parent == root / "tuf-keys" for path in made):
+            log_event(_log, logging.WARNING, "tuf.created", keys=str(root / "tuf-keys"),
+                      note="move root.key and targets.key offline and release with `pyagent release ... --keys DIR`")
+        repo.refresh()
+        self._schedule_repo_refresh()
+        return repo
+
+    def _schedule_repo_refresh(self) -> None:
+        interval = min(60.0, max(0.5, self.config.tuf_timestamp_expiry_s / 8))
+        self._repo_handle = asyncio.get_running_loop().call_later(interval, self._refresh_repo)
+
+    def _refresh_repo(self) -> None:
+        if self._repo is None or self._closing:
+            return
+        try:
+            renewed = self._repo.refresh()
+        except (OSError, RepoError) as exc:
+            log_event(_log, logging.ERROR, "tuf.refresh_failed", reason=str(exc))
+        else:
+            if renewed:
+                log_event(_log, logging.INFO, "tuf.refreshed", roles=",".join(renewed),
+                          timestamp_expires=self._repo.timestamp.signed.expires.isoformat())
+        self._schedule_repo_refresh()
+
+    @property
+    def repo(self) -> TufRepo:
+        if self._repo is None or self._closing:
+            raise EndpointError("the endpoint is not running")
+        return self._repo
 
     # -- where it listens -------------------------------------------------------------------------------------
 
@@ -292,6 +344,13 @@ class Endpoint:
         if self._crashes is None or self._closing:
             raise EndpointError("the endpoint is not running")
         return self._crashes
+
+    @property
+    def rollouts(self) -> RolloutManager:
+        """Rollouts and per-agent update state and policy (`_rollouts.py`, `_updates.py`)."""
+        if self._rollouts is None or self._closing:
+            raise EndpointError("the endpoint is not running")
+        return self._rollouts
 
     # -- the agent API: targets, fan-out, interfaces, events --------------------------------------------------
 

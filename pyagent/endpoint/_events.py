@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import json
+import logging
 import sqlite3
 import time
 from collections import deque
@@ -26,6 +27,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from pyagent.endpoint._targets import AgentView, Selector, TargetError
 from pyagent.protocol import INTERNAL_ERROR, INVALID_PARAMS, ProtocolError, RemoteError
+
+_log = logging.getLogger("pyagent.endpoint.events")
 
 EVENTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -52,6 +55,7 @@ MAX_NAME_CHARS = 256
 MAX_TIME = 1 << 53
 DROPPED_EVENT = "outbox.dropped"
 Matcher = Callable[[dict[str, Any], AgentView], bool]
+Listener = Callable[[dict[str, Any], AgentView], None]
 
 
 def _fail(message: str) -> ProtocolError:
@@ -120,6 +124,7 @@ class EventHub:
         self._followers: set[_Follower] = set()
         self._follower_queue = follower_queue
         self._acked: dict[str, int] = {}
+        self._listeners: list[Listener] = []
         self.stats = EventStats()
         self._closed = False
         self._prime()
@@ -180,6 +185,11 @@ class EventHub:
         self.stats.by_agent[view.agent_id] = self.stats.by_agent.get(view.agent_id, 0) + len(stored)
         for record in stored:
             self._publish(record, view)
+            for listener in self._listeners:
+                try:
+                    listener(record, view)
+                except Exception:  # a listener's bug must not lose the batch's ack
+                    _log.exception("event.listener_failed listener=%r", listener)
         if stored and stored[-1]["id"] % 1000 == 0:
             self._prune(stored[-1]["id"])
         return {"acked": top}
@@ -205,6 +215,11 @@ class EventHub:
     def _prune(self, last_id: int) -> None:
         cur = self._db.execute("DELETE FROM events WHERE id <= ?", (last_id - self.max_rows,))
         self.stats.pruned += max(cur.rowcount, 0)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(record, view)` for every event stored from now on, in the event loop thread (e.g. the
+        rollouts' `update.state` consumer). It must be quick and not raise."""
+        self._listeners.append(listener)
 
     # -- reading and following -----------------------------------------------------------------------------------
 

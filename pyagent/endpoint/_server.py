@@ -18,6 +18,8 @@ from pyagent.endpoint._crashes import CrashStore
 from pyagent.endpoint._events import EventHub
 from pyagent.endpoint._discovery import AgentRequests
 from pyagent.endpoint._targets import AgentView
+from pyagent.endpoint import _repohttp
+from pyagent.endpoint._tufrepo import TufRepo
 from pyagent.protocol import AGENT_UNAVAILABLE, INVALID_PARAMS, METHOD_NOT_FOUND, UNAUTHORIZED, RemoteError
 
 _log = logging.getLogger("pyagent.endpoint.server")
@@ -78,6 +80,8 @@ class AgentServer:
         self.events: EventHub | None = None  # set by the Endpoint: where `event.batch` goes
         self.crashes: CrashStore | None = None  # set by the Endpoint: where `crash.*` uploads go
         self.agent_requests: AgentRequests | None = None  # set by the Endpoint: registry.discover, agent.call
+        self.repo: TufRepo | None = None  # set by the Endpoint: the TUF repository served over HTTP
+        self.on_connected: Callable[[str], None] | None = None  # set by the Endpoint: rollouts (must not block)
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
@@ -175,6 +179,8 @@ class AgentServer:
         self._views[info.agent_id] = AgentView(info.agent_id, info.name, info.platform.get("hostname", ""),
                                                dict(info.labels), tuple(info.capabilities))
         self._registry.upsert_hello(info, session.peer, now_ms())
+        if self.on_connected is not None:
+            self.on_connected(info.agent_id)
 
     def on_heartbeat(self, session: AgentSession, heartbeat: Heartbeat, now: int) -> None:
         if session.agent_id is not None:
@@ -212,6 +218,11 @@ class AgentServer:
 
     def agent_status(self, agent_id: str) -> str | None:
         return None if self._status_lookup is None else self._status_lookup(agent_id)
+
+    async def serve_http(self, session: AgentSession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         first: bytes) -> str:
+        return await _repohttp.serve(reader, writer, first, session.cert_agent_id, self.agent_status, self.repo,
+                                     session.peer)
 
     def enroll(self, session: AgentSession, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if self._enroll_handler is None:

@@ -80,6 +80,8 @@ class SessionOwner(Protocol):
     def on_events(self, session: AgentSession, params: dict[str, Any]) -> dict[str, Any]: ...
     def on_agent_request(self, session: AgentSession, msg_id: int, method: str, params: dict[str, Any]) -> None: ...
     def agent_status(self, agent_id: str) -> str | None: ...
+    async def serve_http(self, session: AgentSession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         first: bytes) -> str: ...
     def enroll(self, session: AgentSession, method: str, params: dict[str, Any]) -> dict[str, Any]: ...
     def allow_request(self, session: AgentSession) -> float: ...
     def count(self, counter: str) -> None: ...
@@ -214,8 +216,13 @@ class AgentSession:
         splitter = self._splitter
         on_frame = self._on_frame
         loop_time = self._loop.time
-        while not self._closing:
-            data = await read(_READ_SIZE)
+        data = await read(_READ_SIZE)
+        if data[:4] == b"GET " or data[:5] == b"HEAD ":  # the TUF repository over HTTP (`_repohttp.py`)
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+            return await self._owner.serve_http(self, self._reader, self._writer, data)
+        while True:
             if not data:
                 return "closed by the agent"
             self._last_rx = loop_time()
@@ -227,7 +234,9 @@ class AgentSession:
                 limit = splitter.limit
                 self._owner.count("frame_too_large")
                 self._refuse(FRAME_TOO_LARGE, f"frame too large: over the limit of {limit} bytes", {"limit": limit})
-        return self._close_reason
+            if self._closing:
+                return self._close_reason
+            data = await read(_READ_SIZE)
 
     def _on_frame(self, frame: bytes) -> None:
         try:

@@ -22,6 +22,7 @@ METHODS: dict[str, str] = {
     "agent.config.get": "endpoint -> agent",
     "agent.config.set": "endpoint -> agent",
     "agent.describe": "endpoint -> agent",
+    "agent.update": "endpoint -> agent",
     "event.batch": "agent -> endpoint",
     "crash.begin": "agent -> endpoint",
     "crash.chunk": "agent -> endpoint",

@@ -13,6 +13,8 @@ the kind and the key to change, and is logged (`event=call.not_allowed`).
 | `config` | `agent.config.set` (live config of agent objects) | false |
 | `packages` | remote package management (not in this version) | false, cannot be turned on |
 | `tunnels` | remote tunnels (not in this version) | false, cannot be turned on |
+
+`agent.update` is outside these kinds: the top-level key `upgrades` (default true) decides (`_update.py`).
 """
 
 from __future__ import annotations

@@ -62,6 +62,42 @@ class Bundle:
         return {"name": self.name, "version": self.version, "agents": list(self.agents)}
 
 
+INSTALLED_DIR = "bundles"  # STATE/bundles/<name>/<version>/ and the `current` link, written by updates
+CURRENT_LINK = "current"
+
+
+def bundle_name(path: Path) -> str | None:
+    """The `name` in a bundle directory's `bundle.toml`, or None when it cannot be read (loading it reports why)."""
+    try:
+        doc = tomllib.loads((Path(path) / BUNDLE_FILE).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    name = doc.get("name")
+    return name if isinstance(name, str) and _IDENT_RE.fullmatch(name) else None
+
+
+def resolve_bundle_paths(configured: Iterable[Path], state_dir: Path | None) -> list[Path]:
+    """The directories to load (docs/updates.md §2): a configured bundle named N loads from
+    `state_dir/bundles/N/current/` when that link exists (an update installed it), else from its configured path;
+    bundles installed by updates that the config does not list load too, after the configured ones, by name."""
+    installed: dict[str, Path] = {}
+    root = Path(state_dir) / INSTALLED_DIR if state_dir is not None else None
+    if root is not None and root.is_dir():
+        for entry in sorted(root.iterdir()):
+            link = entry / CURRENT_LINK
+            if _IDENT_RE.fullmatch(entry.name) and link.is_dir():
+                installed[entry.name] = Path(os.path.realpath(link))
+    paths: list[Path] = []
+    for path in configured:
+        name = bundle_name(path)
+        if name is not None and name in installed:
+            paths.append(installed.pop(name))
+        else:
+            paths.append(Path(path))
+    paths.extend(installed.values())
+    return paths
+
+
 def load_bundles(paths: Iterable[Path]) -> tuple[Bundle, ...]:
     """Load every bundle in order; bundle names and agent object names must be unique across all of them."""
     bundles: list[Bundle] = []

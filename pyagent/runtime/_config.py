@@ -30,7 +30,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Key -> what it holds; the order is the order of docs/architecture.md (and of error checks).
 _TOP_KEYS = ("name", "state_dir", "endpoints", "ca", "server_name", "token", "auth", "bundles", "labels",
-             "log_level", "python_path", "limits", "reconnect", "crash", "agents", "supervisor", "allow")
+             "log_level", "python_path", "upgrades", "limits", "reconnect", "crash", "agents", "supervisor", "allow")
 # How the agent authenticates: with the client certificate it gets by enrolling (`token` is then an enrollment
 # token), or, for development against an endpoint started with --allow-shared-token, with `token` in the hello.
 AUTH_MODES = ("certificate", "shared-token")
@@ -41,7 +41,8 @@ _RECONNECT_KEYS = ("min_ms", "max_ms", "stable_ms")
 _SUPERVISOR_INT_KEYS = {  # key -> (low, high); the defaults are SupervisorConfig's
     "max_rss_mb": (0, 1 << 20), "check_interval_ms": (100, 3_600_000), "restart_min_ms": (1, 3_600_000),
     "restart_max_ms": (1, 86_400_000), "stable_ms": (0, 86_400_000), "crash_loop_count": (1, 1000),
-    "crash_loop_window_ms": (1000, 86_400_000), "stop_timeout_ms": (100, 600_000)}
+    "crash_loop_window_ms": (1000, 86_400_000), "stop_timeout_ms": (100, 600_000),
+    "probation_ms": (1000, 3_600_000)}
 _SUPERVISOR_KEYS = ("max_rss_mb", "max_cpu_percent", *list(_SUPERVISOR_INT_KEYS)[1:])
 # Keys that PYAGENT_<KEY> may override.
 ENV_KEYS = ("name", "state_dir", "endpoints", "ca", "server_name", "token", "log_level")
@@ -107,6 +108,7 @@ class SupervisorConfig:
     crash_loop_count: int = 5
     crash_loop_window_ms: int = 120_000
     stop_timeout_ms: int = 5000
+    probation_ms: int = 30_000  # an update's probation (docs/updates.md §3)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ class AgentConfig:
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     log_level: str = "info"
     python_path: tuple[Path, ...] = ()
+    # `upgrades = false`: this agent refuses `agent.update` offers (docs/updates.md §2); only this file can change it.
+    upgrades: bool = True
     limits: Limits = Limits()
     reconnect: Reconnect = Reconnect()
     crash: CrashConfig = CrashConfig()
@@ -319,6 +323,9 @@ class _Parser:
         labels = self.parse_labels(doc)
         log_level = self.parse_log_level(doc)
         python_path = self.parse_path_list(doc, "python_path", must_exist=True)
+        upgrades = doc.get("upgrades", True)
+        if not isinstance(upgrades, bool):
+            raise self.fail(f"key 'upgrades' must be true or false, got {_toml_type(upgrades)}")
 
         defaults = Limits()
         limits = Limits(
@@ -343,7 +350,7 @@ class _Parser:
         return AgentConfig(
             path=self.path, name=name, state_dir=state_dir, endpoints=endpoints, ca=ca, server_name=server_name,
             token=token, auth=auth, bundles=bundles, labels=labels, log_level=log_level, python_path=python_path,
-            limits=limits, reconnect=reconnect, crash=crash, agents=agents, supervisor=supervisor, allow=allow,
+            upgrades=upgrades, limits=limits, reconnect=reconnect, crash=crash, agents=agents, supervisor=supervisor, allow=allow,
         )
 
     def parse_agents(self, doc: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:

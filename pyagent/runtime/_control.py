@@ -11,6 +11,7 @@ Methods (endpoint -> agent requests, also reachable as `bundle.call {agent, meth
 | `agent.describe` | `{agent?}` | `describe()` of one or every agent object |
 | `agent.stop` | `{}` | `{state: "stopping"}`, then the worker exits 0 |
 | `agent.restart` | `{}` | `{state: "restarting"}`, then the worker exits EXIT_RESTART |
+| `agent.update` | `{kind, name, version, target, rollout}` | `{state: "offered"}` (`_update.py`; -32601 without it) |
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import asyncio
 import inspect
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from pyagent.protocol import AGENT_PAUSED, INVALID_PARAMS, METHOD_NOT_FOUND, ProtocolError
+from pyagent.protocol import AGENT_PAUSED, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, ProtocolError
 from pyagent.runtime._agent import Agent
 from pyagent.runtime._agentconfig import ConfigValueError, apply_config, config_spec, current_config
 from pyagent.runtime._log import log_event
@@ -30,9 +31,10 @@ from pyagent.runtime._periodic import clamp
 from pyagent.runtime._signature import describe as describe_methods
 
 EXIT_RESTART = 75  # the worker exits with this code on agent.restart: "restart me" (EX_TEMPFAIL)
+EXIT_UPDATE = 76  # the worker exits with this code once an update is staged: "swap, then restart me" (updates.md)
 
 CONTROL_METHODS = ("agent.status", "agent.pause", "agent.resume", "agent.stop", "agent.restart",
-                   "agent.config.get", "agent.config.set", "agent.describe")
+                   "agent.config.get", "agent.config.set", "agent.describe", "agent.update")
 
 _log = logging.getLogger("pyagent.runtime")
 
@@ -105,6 +107,8 @@ class Controller:
             name: [_Periodic(agent, attr) for attr in type(agent).__pyagent_periodic__]
             for name, agent in self.agents.items()}
         self.started = False
+        # `agent.update` (`_update.py`), set by pyagent-host's worker; None: refused (embedding, tests).
+        self.update: Callable[[Mapping[str, Any]], Awaitable[Any]] | None = None
 
     # --- periodic tasks ---
 
@@ -179,6 +183,10 @@ class Controller:
 
     async def handle(self, method: str, params: Mapping[str, Any]) -> Any:
         """Answer one control action; raise ProtocolError."""
+        if method == "agent.update":
+            if self.update is None:
+                raise ProtocolError(INVALID_REQUEST, "agent.update: updates need pyagent-host and its supervisor")
+            return await self.update(params)
         if method in ("agent.stop", "agent.restart"):
             _check_keys(method, params, ("agent",))
             code = 0 if method == "agent.stop" else EXIT_RESTART

@@ -80,6 +80,10 @@ class Runtime:
 
     # --- control ---
 
+    def exit(self, code: int) -> None:
+        """A clean shutdown, then `run()` returns `code` (an update: EXIT_UPDATE)."""
+        self._exit(code)
+
     def _exit(self, code: int) -> None:
         """agent.stop (0) / agent.restart (EXIT_RESTART): a clean shutdown, then `run()` returns `code`."""
         self.exit_code = code

@@ -23,16 +23,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyagent.runtime._bridge import HostModule, import_host
-from pyagent.runtime._bundle import Bundle, load_bundles
+from pyagent.runtime._bundle import Bundle, load_bundles, resolve_bundle_paths
 from pyagent.runtime._config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from pyagent.runtime._control import describe
 from pyagent.runtime._crash import CrashCapture, annotations_for, find_handler
 from pyagent.runtime._crashreport import CrashReporter
 from pyagent.runtime._errors import BundleError, ConfigError, HostError, IdentityError
 from pyagent.runtime._identity import load_or_create_agent_id
+from pyagent.runtime._ledger import LedgerReporter
 from pyagent.runtime._log import LogSetup, log_event
 from pyagent.runtime._renew import Renewer
 from pyagent.runtime._runtime import Runtime
+from pyagent.runtime._update import Updates
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -120,7 +122,7 @@ def supervisor_settings(config: AgentConfig) -> dict[str, Any]:
                            "restart_max_ms": sup.restart_max_ms, "stable_ms": sup.stable_ms,
                            "crash_loop_count": sup.crash_loop_count,
                            "crash_loop_window_ms": sup.crash_loop_window_ms,
-                           "stop_timeout_ms": sup.stop_timeout_ms}}
+                           "stop_timeout_ms": sup.stop_timeout_ms, "probation_ms": sup.probation_ms}}
 
 
 def _print_settings(config: AgentConfig | None, error: str | None) -> None:
@@ -194,7 +196,14 @@ def main(argv: list[str], *, host: HostModule | None = None, environ: Mapping[st
         return EXIT_FAILURE
 
 
+SUPERVISED_ENV = "PYAGENT_SUPERVISED"  # set by csrc/main.c for a worker its supervisor started
+
+
 def _main(argv: list[str], host: HostModule | None, environ: Mapping[str, str]) -> int:
+    supervised = bool(environ.get(SUPERVISED_ENV))
+    os.environ.pop(SUPERVISED_ENV, None)  # not inherited by bundles' processes or the worker's tasks
+    if environ is not os.environ:
+        environ = {k: v for k, v in environ.items() if k != SUPERVISED_ENV}
     try:
         args = parse_args(argv)
     except _UsageError as exc:
@@ -233,7 +242,7 @@ def _main(argv: list[str], host: HostModule | None, environ: Mapping[str, str]) 
     logs = LogSetup(host.log, config.log_level)
     try:
         try:
-            bundles = load_bundles(config.bundles)
+            bundles = load_bundles(resolve_bundle_paths(config.bundles, config.state_dir))
         except BundleError as exc:
             _print_err(f"pyagent-host: config error: {config.path}: {exc}")
             log_event(_log, logging.ERROR, "bundle.failed", str(exc))
@@ -281,7 +290,7 @@ def _main(argv: list[str], host: HostModule | None, environ: Mapping[str, str]) 
             log_event(_log, logging.ERROR, "crash.failed", str(exc))
             return EXIT_USAGE
         try:
-            return run_bounded(_serve(host, config, bundles, host_config, crash))
+            return run_bounded(_serve(host, config, bundles, host_config, crash, supervised=supervised))
         except HostError as exc:
             _print_err(f"pyagent-host: config error: {config.path}: {exc}")
             log_event(_log, logging.ERROR, "host.start.failed", str(exc))
@@ -403,12 +412,46 @@ def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def _serve(host: HostModule, config: AgentConfig, bundles: Sequence[Bundle],
-                 host_config: Mapping[str, Any], crash: CrashCapture | None = None) -> int:
+                 host_config: Mapping[str, Any], crash: CrashCapture | None = None, *,
+                 supervised: bool = False) -> int:
     agents = {name: agent for bundle in bundles for name, agent in bundle.agents.items()}
     renewer = Renewer(config.state_dir, [host_executable(), "enroll"]) if config.auth == "certificate" else None
     runtime = Runtime(host, agents, host_config, max_concurrent_calls=config.limits.max_concurrent_calls,
                       max_frame_bytes=config.limits.max_frame_bytes, state_dir=config.state_dir, renewer=renewer,
                       allow=config.allow)
+    updates = Updates(config_path=config.path, state_dir=config.state_dir, upgrades=config.upgrades,
+                      supervised=supervised, host_exe=host_executable(), outbox=runtime.outbox,
+                      request_exit=runtime.exit)
+    runtime.controller.update = updates.offer
+    background = asyncio.get_running_loop().create_task(_update_duties(runtime, updates, config), name="updates")
+    try:
+        return await _serve_runtime(runtime, crash)
+    finally:
+        await updates.stop()
+        background.cancel()
+        await asyncio.wait({background}, timeout=0.5)
+
+
+async def _update_duties(runtime: Runtime, updates: Updates, config: AgentConfig) -> None:
+    """The probation's `healthy` mark after the first handshake, then the ledger reporter (docs/updates.md §3)."""
+    ledger = LedgerReporter(config.state_dir, runtime.outbox.put)
+    await runtime.wait_started()
+    reporting = asyncio.get_running_loop().create_task(ledger.run(), name="ledger")
+    try:
+        dispatcher = runtime.dispatcher
+        while not dispatcher.sessions:
+            dispatcher.session_changed.clear()
+            try:
+                await asyncio.wait_for(dispatcher.session_changed.wait(), 1.0)
+            except TimeoutError:
+                pass
+        updates.mark_healthy()
+        await reporting
+    finally:
+        reporting.cancel()
+
+
+async def _serve_runtime(runtime: Runtime, crash: CrashCapture | None) -> int:
     if crash is None:
         return await runtime.run()
     crash.start_watchdog()

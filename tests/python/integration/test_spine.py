@@ -74,7 +74,7 @@ def test_concurrent_calls(endpoint: EndpointProc, agent: AgentProc) -> None:
 
 def test_worker_stays_lean(endpoint: EndpointProc, agent: AgentProc) -> None:
     modules = endpoint.call(agent.agent_id, "probe.modules")["result"]
-    for heavy in ("ssl", "_ssl", "cryptography", "tuf", "starlette", "uvicorn"):
+    for heavy in ("ssl", "_ssl", "cryptography", "tuf", "urllib3", "securesystemslib", "starlette", "uvicorn"):
         assert heavy not in modules, f"{heavy} is loaded in the worker"
     assert "_pyagent_host" in modules and "asyncio" in modules
 
