@@ -225,18 +225,34 @@ static int append_path(PyObject *path, const char *dir, int front) {
   return rc;
 }
 
+/* The path the interpreter is located from: normally our own executable; PYAGENT_HOST_HOME/pyagent-host when that
+ * variable names a directory. A host installed by an update runs from STATE/host/current/pyagent-host, with no venv
+ * or python directory beside it; the supervisor then points PYAGENT_HOST_HOME at the directory of the installed
+ * host, whose Python environment the new host uses (docs/updates.md §3). The variable stays in the environment so
+ * that the tasks this process starts (`update`, `enroll`) find the same environment. 0 or -1. */
+static int host_exe_path(char *out, size_t cap) {
+  const char *home = getenv("PYAGENT_HOST_HOME");
+  if (home && *home) {
+    int n = snprintf(out, cap, "%s/pyagent-host", home);
+    return n > 0 && (size_t)n < cap ? 0 : -1;
+  }
+  if (cap < 2) return -1;
+  ssize_t n = readlink("/proc/self/exe", out, cap - 1);
+  if (n <= 0) return -1;
+  out[n] = '\0';
+  return 0;
+}
+
 /* The directory the runtime is installed under: the venv the host was installed into when there is one (a
  * pyvenv.cfg beside or above our executable; in 3.11 it is `site`, which we do not run, that would set sys.prefix to
  * it), else the interpreter's prefix. Without a venv, a `python` directory beside our bin directory is the packaged
  * layout (the .deb/.rpm install /usr/lib/pyagent/{bin,python,bundles}): `*packaged` is set and `out` names that
- * directory, which goes on sys.path as it is. */
+ * directory, which goes on sys.path as it is. "Our executable" is the one host_exe_path names. */
 static void install_root(char *out, size_t cap, int *packaged) {
   char exe[PATH_MAX], cfg[PATH_MAX + 32];
-  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
   out[0] = '\0';
   *packaged = 0;
-  if (n <= 0) return;
-  exe[n] = '\0';
+  if (host_exe_path(exe, sizeof exe) < 0) return;
   char *slash = strrchr(exe, '/');
   if (!slash) return;
   *slash = '\0'; /* exe is now the bin directory */
@@ -309,11 +325,10 @@ static int init_interpreter(int argc, char **argv) {
   config.parse_argv = 0;
   PyStatus status = PyConfig_SetBytesArgv(&config, argc, argv);
   if (PyStatus_Exception(status)) goto fail;
-  /* program_name from /proc/self/exe lets getpath find the venv (pyvenv.cfg) the host was installed into. */
+  /* program_name from /proc/self/exe (or PYAGENT_HOST_HOME) lets getpath find the venv (pyvenv.cfg) the host was
+   * installed into. */
   char exe[PATH_MAX];
-  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-  if (n > 0) {
-    exe[n] = '\0';
+  if (host_exe_path(exe, sizeof exe) == 0) {
     status = PyConfig_SetBytesString(&config, &config.program_name, exe);
     if (PyStatus_Exception(status)) goto fail;
   }

@@ -34,11 +34,14 @@ static int wants_supervisor(int argc, char **argv) {
 }
 
 /* A worker started by a supervisor dies with it (SIGTERM, the normal shutdown), so a new supervisor never finds an
- * orphaned worker on its state directory. The variable is not passed on to the worker's own children. */
+ * orphaned worker on its state directory. The variable is not passed on to the worker's own children; in its place
+ * PYAGENT_SUPERVISED tells the runtime that a supervisor runs it (updates need one), and the runtime removes that
+ * one from its environment as it starts. */
 static int follow_supervisor(void) {
   const char *sup = getenv("PYAGENT_SUPERVISOR_PID");
   if (!sup) return 0;
   long pid = strtol(sup, NULL, 10);
+  setenv("PYAGENT_SUPERVISED", sup, 1);
   unsetenv("PYAGENT_SUPERVISOR_PID");
   if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0) return 0;
   if (pid > 0 && getppid() != (pid_t)pid) {
@@ -61,5 +64,6 @@ int main(int argc, char **argv) {
   if (follow_supervisor() != 0) return 1;
   /* Short-lived tasks of the same executable (DESIGN §2): heavy, rare work that must stay out of the worker. */
   if (argc > 1 && strcmp(argv[1], "enroll") == 0) return pa_embed_run_task(argc, argv, "pyagent.runtime.enroll");
+  if (argc > 1 && strcmp(argv[1], "update") == 0) return pa_embed_run_task(argc, argv, "pyagent.runtime.updater");
   return pa_embed_run(argc, argv);
 }

@@ -2,14 +2,18 @@
  * `pyagent-host check-config --json` (Python stays the only TOML parser), takes the instance lock, then runs the
  * worker and restarts it until told to stop.
  *
- * Where staged updates (issue 4, items 3-5) plug in without restructuring — each seam is marked "SEAM" below:
- *   - worker_executable(): today /proc/self/exe; with updates, STATE/host/current/pyagent-host (versioned directories
- *     and a `current` symlink swapped with rename(2)), falling back to the installed binary.
- *   - before_worker_start(): where a staged update is swapped in (and the probation clock started) before a spawn.
- *   - on_stable(): "no crash for stable_ms" is the probation verdict; a pending update is committed there.
- *   - after_worker_exit(): an abnormal exit during probation rolls back (swap `current` back, reason "rolled_back")
- *     before the ordinary restart policy runs.
- * The signals, the lock, the caps and the restart log stay as they are. */
+ * Staged updates (docs/updates.md §3; the file operations are in update_swap.c) hook in at four places, marked
+ * "SEAM" below:
+ *   - worker_executable(): STATE/host/current/pyagent-host when a host update is installed (and executable), else
+ *     the installed binary. Every worker gets PYAGENT_HOST_HOME=<directory of the installed binary>, so a host run
+ *     from STATE/host/<version>/ finds the installed Python environment.
+ *   - before_worker_start(): a staged update (STATE/updates/staged.json) is swapped in, or an interrupted swap,
+ *     probation or rollback is finished (pa_upd_prepare); the probation timer starts with the worker.
+ *   - on_probation(): probation_ms after the start, STATE/updates/healthy holding this worker's pid commits the
+ *     update; anything else rolls it back and restarts the worker on the previous version.
+ *   - after_worker_exit(): any exit during probation (but a stop of the supervisor) rolls back and restarts at once,
+ *     without backoff and outside the crash-loop count; exit 76 (an update was staged) restarts at once too.
+ * The signals, the lock, the caps and the restart log are unchanged. */
 #include "supervisor.h"
 
 #include <errno.h>
@@ -30,6 +34,7 @@
 
 #include "backoff.h"
 #include "log.h"
+#include "update_swap.h"
 #include "worker.h" /* PA_HOST_VERSION */
 
 /* ---------------------------------------------------------------------------------------------------------------- */
@@ -39,6 +44,7 @@ typedef struct pa__sup_s {
   uv_loop_t *loop;
   pa_sup_settings_t set;
   char exe[PATH_MAX];
+  char host_exe[PATH_MAX];  /* STATE/host/current/pyagent-host */
   char restarts_path[PATH_MAX];
   int lock_fd;
   uv_signal_t sig_term, sig_int, sig_hup;
@@ -46,6 +52,10 @@ typedef struct pa__sup_s {
   uv_timer_t kill_timer;    /* SIGTERM sent: SIGKILL when it fires */
   uv_timer_t check_timer;   /* RSS/CPU caps */
   uv_timer_t stable_timer;  /* the worker has run stable_ms */
+  uv_timer_t probation_timer; /* an update in probation: the verdict after probation_ms */
+  pa_upd_t upd;             /* the update in probation */
+  int in_probation;
+  uint64_t upd_seq;         /* of the last record in updates.jsonl */
   uv_process_t proc;
   int proc_open;            /* proc is initialised and not yet closed */
   int running;              /* proc is a live child */
@@ -86,11 +96,45 @@ static void iso_time(uint64_t ms, char *buf, size_t cap) {
            tm.tm_min, tm.tm_sec, (int)(ms % 1000));
 }
 
-/* SEAM (updates): the binary to run. Later: STATE/host/current/pyagent-host when a host update is installed. */
-static const char *worker_executable(pa__sup_t *s) { return s->exe; }
+/* SEAM (updates): the binary to run: STATE/host/current/pyagent-host when a host update is installed and that file is
+ * an executable, else the installed binary. */
+static const char *worker_executable(pa__sup_t *s) {
+  struct stat st;
+  int n = snprintf(s->host_exe, sizeof s->host_exe, "%s/host/" PA_UPD_LINK "/" PA_UPD_HOST_NAME, s->set.state_dir);
+  if (n > 0 && (size_t)n < sizeof s->host_exe && stat(s->host_exe, &st) == 0 && S_ISREG(st.st_mode) &&
+      access(s->host_exe, X_OK) == 0)
+    return s->host_exe;
+  return s->exe;
+}
 
-/* SEAM (updates): swap in a staged update (rename the `current` link) and start its probation before a spawn. */
-static void before_worker_start(pa__sup_t *s) { (void)s; }
+/* SEAM (updates): swap in a staged update, or finish what a killed supervisor left half done, before a spawn. The
+ * probation timer starts once the worker runs (start_worker). */
+static void before_worker_start(pa__sup_t *s) {
+  pa_upd_outcome_t o = pa_upd_prepare(s->set.state_dir, &s->upd_seq, &s->upd);
+  s->in_probation = o != PA_UPD_IDLE;
+}
+
+/* The detail of a rollback caused by a worker exit: "exit code 2", "signal 11", "rss_cap rss_kb=…", … */
+static void exit_detail(pa__sup_t *s, char *out, size_t cap) {
+  if (s->killed_for) snprintf(out, cap, "%s%s%s", s->killed_for, s->cap_detail[0] ? " " : "", s->cap_detail);
+  else if (s->term_signal) snprintf(out, cap, "signal %d", s->term_signal);
+  else snprintf(out, cap, "exit code %" PRId64, s->exit_status);
+}
+
+/* Roll the update in probation back (the link to its previous version, a record, probation.json removed). */
+static void rollback(pa__sup_t *s, const char *detail) {
+  char err[PATH_MAX + 256], q[PATH_MAX + 300];
+  s->in_probation = 0;
+  uv_timer_stop(&s->probation_timer);
+  if (pa_upd_rollback(s->set.state_dir, &s->upd_seq, &s->upd, detail, err, sizeof err) != 0) {
+    pa_log(PA_LOG_ERROR, "supervisor.update.rollback_failed", "kind=%s name=%s version=%s error=%s", s->upd.kind,
+           s->upd.name, s->upd.version, pa_log_quote(q, sizeof q, err));
+    return;
+  }
+  pa_log(PA_LOG_WARNING, "supervisor.update.rolled_back", "kind=%s name=%s version=%s previous=%s pid=%d detail=%s",
+         s->upd.kind, s->upd.name, s->upd.version, s->upd.previous[0] ? s->upd.previous : "-", s->pid,
+         pa_log_quote(q, sizeof q, detail));
+}
 
 static void close_all(uv_handle_t *h, void *arg) {
   (void)arg;
@@ -205,8 +249,8 @@ static void on_check(uv_timer_t *t) {
 
 /* ---- restarts ---- */
 
-/* SEAM (updates): the probation verdict. A worker that ran stable_ms is healthy: reset the backoff (and, later,
- * commit an update in probation). */
+/* A worker that ran stable_ms resets the backoff. (An update's verdict is on_probation's: it needs the worker's own
+ * `healthy` mark, not only time.) */
 static void on_stable(uv_timer_t *t) {
   pa__sup_t *s = t->data;
   pa_backoff_reset(&s->backoff);
@@ -214,6 +258,35 @@ static void on_stable(uv_timer_t *t) {
 }
 
 static void on_restart_timer(uv_timer_t *t) { start_worker(t->data); }
+
+#define PA__NOT_HEALTHY "no healthy handshake within probation_ms"
+
+/* SEAM (updates): the probation verdict, probation_ms after the worker started on a new version. */
+static void on_probation(uv_timer_t *t) {
+  pa__sup_t *s = t->data;
+  if (!s->in_probation || !s->running || s->stopping) return; /* an exit is on its way: after_worker_exit decides */
+  long healthy = pa_upd_read_healthy(s->set.state_dir);
+  if (healthy == s->pid) {
+    char err[PATH_MAX + 256], q[PATH_MAX + 300];
+    s->in_probation = 0;
+    if (pa_upd_commit(s->set.state_dir, &s->upd_seq, &s->upd, err, sizeof err) != 0) {
+      pa_log(PA_LOG_ERROR, "supervisor.update.commit_failed", "kind=%s name=%s version=%s error=%s", s->upd.kind,
+             s->upd.name, s->upd.version, pa_log_quote(q, sizeof q, err));
+      return;
+    }
+    pa_log(PA_LOG_INFO, "supervisor.update.committed", "kind=%s name=%s version=%s previous=%s pid=%d", s->upd.kind,
+           s->upd.name, s->upd.version, s->upd.previous[0] ? s->upd.previous : "-", s->pid);
+    return;
+  }
+  pa_log(PA_LOG_WARNING, "supervisor.update.unhealthy", "pid=%d healthy_pid=%ld probation_ms=%" PRIu64, s->pid,
+         healthy, s->set.probation_ms);
+  rollback(s, PA__NOT_HEALTHY);
+  /* The worker on the new version is stopped; its exit restarts it at once on the previous one. */
+  s->killed_for = "rolled_back";
+  snprintf(s->cap_detail, sizeof s->cap_detail, "%s", PA__NOT_HEALTHY);
+  uv_timer_stop(&s->check_timer);
+  terminate_worker(s);
+}
 
 static uint64_t backoff_delay(pa__sup_t *s) {
   uint64_t ceiling = pa_backoff_ceiling(&s->backoff);
@@ -250,9 +323,25 @@ static void record_restart(pa__sup_t *s, const char *reason, uint64_t uptime_ms,
            strerror(-rc));
 }
 
-/* SEAM (updates): an abnormal exit of a worker in probation rolls back here, before the restart policy. */
+/* SEAM (updates): any exit of a worker in probation rolls back here, before the restart policy; the worker then
+ * restarts at once on the previous version (no backoff, not a crash-loop exit). */
 static void after_worker_exit(pa__sup_t *s, const char *reason, pa_sup_action_t action, int abnormal,
                               uint64_t uptime_ms) {
+  int rolled_back = s->killed_for && strcmp(s->killed_for, "rolled_back") == 0; /* by on_probation */
+  if (s->in_probation) {
+    char detail[sizeof s->cap_detail];
+    exit_detail(s, detail, sizeof detail);
+    rollback(s, detail);
+    rolled_back = 1;
+    s->killed_for = "rolled_back";
+    snprintf(s->cap_detail, sizeof s->cap_detail, "%s", detail);
+  }
+  if (rolled_back) {
+    reason = "rolled_back";
+    abnormal = 0;
+    /* A worker that stopped on its own (agent.stop, exit 0) is not started again, on any version. */
+    if (action != PA_SUP_STOP) action = PA_SUP_RESTART_NOW;
+  }
   if (action == PA_SUP_STOP) {
     if (strcmp(reason, "stopped") == 0)
       pa_log(PA_LOG_INFO, "supervisor.worker.stopped", "pid=%d note=\"the worker stopped on its own (exit 0); "
@@ -269,9 +358,17 @@ static void after_worker_exit(pa__sup_t *s, const char *reason, pa_sup_action_t 
            " last_reason=%s", s->crashes.n, s->set.crash_loop_window_ms, s->set.restart_max_ms, reason);
     s->backoff.attempt = 64; /* stay at the longest delay until a stable run resets it */
     delay = s->set.restart_max_ms;
+  } else if (rolled_back) {
+    delay = 0;
   } else if (action == PA_SUP_RESTART_NOW) {
-    /* A worker that asks for a restart right after starting would spin: it gets the backoff instead. */
-    delay = uptime_ms < s->set.restart_min_ms ? backoff_delay(s) : 0;
+    /* A worker that asks for a restart right after starting would spin: it gets the backoff instead — unless it
+     * exited 76 with an update staged, which the next start swaps in. */
+    char staged[PATH_MAX];
+    int update_staged = strcmp(reason, "update") == 0 &&
+                        snprintf(staged, sizeof staged, "%s/" PA_UPD_DIR "/" PA_UPD_STAGED, s->set.state_dir) <
+                            (int)sizeof staged &&
+                        access(staged, F_OK) == 0;
+    delay = uptime_ms < s->set.restart_min_ms && !update_staged ? backoff_delay(s) : 0;
   } else if (action == PA_SUP_RESTART_SLOW) {
     delay = s->set.restart_max_ms; /* a config can be fixed: keep trying, slowly */
   } else {
@@ -309,6 +406,7 @@ static void on_worker_exit(uv_process_t *p, int64_t exit_status, int term_signal
   uv_timer_stop(&s->kill_timer);
   uv_timer_stop(&s->check_timer);
   uv_timer_stop(&s->stable_timer);
+  uv_timer_stop(&s->probation_timer);
   pa_log(s->stopping || (exit_status == 0 && !term_signal) ? PA_LOG_INFO : PA_LOG_WARNING, "supervisor.worker.exited",
          "pid=%d exit_code=%" PRId64 " signal=%d uptime_ms=%" PRIu64, s->pid, term_signal ? (int64_t)-1 : exit_status,
          term_signal, uv_now(s->loop) - s->started_ms);
@@ -360,6 +458,12 @@ static void start_worker(pa__sup_t *s) {
   pa_log(PA_LOG_INFO, "supervisor.worker.started", "pid=%d exe=%s config=%s", s->pid,
          pa_log_quote(qe, sizeof qe, args[0]), pa_log_quote(qc, sizeof qc, s->set.config));
   if (s->set.stable_ms) uv_timer_start(&s->stable_timer, on_stable, s->set.stable_ms, 0);
+  if (s->in_probation) {
+    pa_log(PA_LOG_INFO, "supervisor.update.probation", "kind=%s name=%s version=%s previous=%s pid=%d probation_ms=%"
+           PRIu64, s->upd.kind, s->upd.name, s->upd.version, s->upd.previous[0] ? s->upd.previous : "-", s->pid,
+           s->set.probation_ms);
+    uv_timer_start(&s->probation_timer, on_probation, s->set.probation_ms, 0);
+  }
   if (s->set.max_rss_kb || s->set.max_cpu_percent > 0)
     uv_timer_start(&s->check_timer, on_check, s->set.check_interval_ms, s->set.check_interval_ms);
 }
@@ -586,6 +690,15 @@ int pa_supervisor_main(int argc, char **argv) {
   char pid[32];
   snprintf(pid, sizeof pid, "%ld", (long)getpid());
   setenv("PYAGENT_SUPERVISOR_PID", pid, 1);
+  /* A host installed by an update (STATE/host/<version>/pyagent-host) uses the installed one's Python (embed.c). */
+  char home[PATH_MAX];
+  snprintf(home, sizeof home, "%s", s->exe);
+  char *home_end = strrchr(home, '/');
+  if (home_end) {
+    *home_end = '\0';
+    setenv("PYAGENT_HOST_HOME", home[0] ? home : "/", 1);
+  }
+  s->upd_seq = pa_upd_last_seq(s->set.state_dir);
 
   uv_signal_t *sigs[] = {&s->sig_term, &s->sig_int, &s->sig_hup};
   int signums[] = {SIGTERM, SIGINT, SIGHUP};
@@ -594,8 +707,8 @@ int pa_supervisor_main(int argc, char **argv) {
     sigs[i]->data = s;
     uv_signal_start(sigs[i], on_signal, signums[i]);
   }
-  uv_timer_t *timers[] = {&s->restart_timer, &s->kill_timer, &s->check_timer, &s->stable_timer};
-  for (int i = 0; i < 4; i++) {
+  uv_timer_t *timers[] = {&s->restart_timer, &s->kill_timer, &s->check_timer, &s->stable_timer, &s->probation_timer};
+  for (int i = 0; i < 5; i++) {
     uv_timer_init(&loop, timers[i]);
     timers[i]->data = s;
   }

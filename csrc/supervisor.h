@@ -1,6 +1,8 @@
 /* The supervisor (DESIGN §2, docs/architecture.md "Supervisor"): a small process without Python that holds the state
  * directory's instance lock, runs the worker (`pyagent-host --foreground`), restarts it with capped backoff, detects
  * crash loops, enforces optional RSS/CPU caps and records the reason for every restart in `state_dir/restarts.jsonl`.
+ * It also swaps staged updates in, runs their probation and commits or rolls them back (update_swap.h,
+ * docs/updates.md §3).
  *
  * The pure parts (settings, exit classification, crash-loop window, /proc parsing, the bounded restart log) are
  * declared here so the C unit tests can reach them; pa_supervisor_main is the process. */
@@ -22,7 +24,8 @@ enum {
 enum {
   PA_WORKER_EXIT_CONFIG = 2,   /* bad config or a bundle that does not load: retried slowly (it can be fixed) */
   PA_WORKER_EXIT_REFUSED = 3,  /* enrollment refused: retried slowly too */
-  PA_WORKER_EXIT_RESTART = 75  /* agent.restart: "restart me now" */
+  PA_WORKER_EXIT_RESTART = 75, /* agent.restart: "restart me now" */
+  PA_WORKER_EXIT_UPDATE = 76   /* an update was staged (STATE/updates/staged.json): swap it in and restart now */
 };
 
 #define PA_SUP_LOCK_FILE "pyagent.lock"
@@ -49,7 +52,10 @@ typedef struct pa_sup_settings_s {
   unsigned crash_loop_count;
   uint64_t crash_loop_window_ms;
   uint64_t stop_timeout_ms;
+  uint64_t probation_ms;    /* after an update is swapped in: the worker must be healthy by then (docs/updates.md) */
 } pa_sup_settings_t;
+
+#define PA_SUP_PROBATION_MS_DEFAULT 30000
 
 /* Parse the JSON printed by `check-config --json`. Returns 0, or -1 with a message in err naming the key. A document
  * with "ok": false and no settings (the file itself is bad) is an error whose message is the config error. */
@@ -66,8 +72,8 @@ typedef enum {
 
 /* Classify a worker exit. `killed_for` is the cap the supervisor enforced ("rss_cap", "cpu_cap") or NULL; `stopping`
  * is set once the supervisor itself was told to stop. Returns the reason recorded in the log and restarts.jsonl:
- * "stopping", "stopped", "restart_requested", "config_error", "enroll_refused", "exit", "crash" (a core-dumping
- * signal), "signal", or killed_for. *abnormal is 1 when the exit counts towards crash-loop detection. */
+ * "stopping", "stopped", "restart_requested", "update" (exit 76: restart now, no backoff), "config_error",
+ * "enroll_refused", "exit", "crash" (a core-dumping signal), "signal", or killed_for. *abnormal is 1 when the exit counts towards crash-loop detection. */
 const char *pa_sup_classify(int64_t exit_status, int term_signal, const char *killed_for, int stopping,
                             pa_sup_action_t *action, int *abnormal);
 

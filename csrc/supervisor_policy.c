@@ -96,6 +96,10 @@ int pa_sup_settings_parse(const char *text, size_t len, pa_sup_settings_t *s, ch
       get_u64(sup, "crash_loop_window_ms", 1000, 86400000, &s->crash_loop_window_ms, err, cap) ||
       get_u64(sup, "stop_timeout_ms", 100, 600000, &s->stop_timeout_ms, err, cap))
     goto done;
+  /* probation_ms came with updates (issue 4): a check-config from before then does not print it. */
+  if (!json_object_get(sup, "probation_ms")) s->probation_ms = PA_SUP_PROBATION_MS_DEFAULT;
+  else if (get_u64(sup, "probation_ms", 1000, 3600000, &s->probation_ms, err, cap))
+    goto done;
   s->max_rss_kb = rss_mb * 1024;
   s->crash_loop_count = (unsigned)loop_count;
   json_t *cpu = json_object_get(sup, "max_cpu_percent");
@@ -154,6 +158,9 @@ const char *pa_sup_classify(int64_t exit_status, int term_signal, const char *ki
     case PA_WORKER_EXIT_RESTART:
       *action = PA_SUP_RESTART_NOW;
       return "restart_requested";
+    case PA_WORKER_EXIT_UPDATE:
+      *action = PA_SUP_RESTART_NOW;
+      return "update";
     case PA_WORKER_EXIT_CONFIG:
       *action = PA_SUP_RESTART_SLOW;
       *abnormal = 1;

@@ -13,7 +13,10 @@
 #include "conn.h"
 #include "hostcfg.h"
 
+/* Overridden by the build (CMake cache variable PYAGENT_HOST_VERSION), e.g. to make a second host for tests. */
+#ifndef PA_HOST_VERSION
 #define PA_HOST_VERSION "0.1.0"
+#endif
 
 typedef struct pa_worker_s {
   uv_loop_t loop;

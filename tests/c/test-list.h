@@ -75,6 +75,14 @@ TEST_DECLARE(supervisor_classify)
 TEST_DECLARE(supervisor_crash_loop_window)
 TEST_DECLARE(supervisor_proc_parse)
 TEST_DECLARE(supervisor_restarts_bounded)
+TEST_DECLARE(supervisor_settings_probation)
+
+TEST_DECLARE(update_swap_commit_prunes)
+TEST_DECLARE(update_swap_rollback)
+TEST_DECLARE(update_swap_recovery)
+TEST_DECLARE(update_swap_bad_staged)
+TEST_DECLARE(update_swap_names)
+TEST_DECLARE(update_swap_log_bounded)
 
 typedef struct pa_task_entry_s {
   const char *name;
@@ -157,4 +165,12 @@ TASK_LIST_START
   TEST_ENTRY(supervisor_crash_loop_window)
   TEST_ENTRY(supervisor_proc_parse)
   TEST_ENTRY(supervisor_restarts_bounded)
+  TEST_ENTRY(supervisor_settings_probation)
+
+  TEST_ENTRY(update_swap_commit_prunes)
+  TEST_ENTRY(update_swap_rollback)
+  TEST_ENTRY(update_swap_recovery)
+  TEST_ENTRY(update_swap_bad_staged)
+  TEST_ENTRY(update_swap_names)
+  TEST_ENTRY(update_swap_log_bounded)
 TASK_LIST_END

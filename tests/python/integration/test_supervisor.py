@@ -240,7 +240,7 @@ def test_check_config_json_settings(tmp_path: Path) -> None:
         "ok": True, "config": str(sup.config), "state_dir": str(sup.state), "log_level": "debug",
         "supervisor": {"max_rss_mb": 200, "max_cpu_percent": 75.5, "check_interval_ms": 5000, "restart_min_ms": 1000,
                        "restart_max_ms": 60000, "stable_ms": 60000, "crash_loop_count": 5,
-                       "crash_loop_window_ms": 120000, "stop_timeout_ms": 5000}}
+                       "crash_loop_window_ms": 120000, "stop_timeout_ms": 5000, "probation_ms": 30000}}
     bad = SupervisorProc(tmp_path / "b", "127.0.0.1:9", ANY_FILE, "t", [],
                          extra="[supervisor]\nrestart_min_ms = 500\nrestart_max_ms = 100\n")
     code, doc, err = check_config(bad.config, "--no-bundles")
