@@ -10,6 +10,7 @@ with bundles/hello runs as a child, over TLS on 127.0.0.1. Figures:
 - rpc_pipelined_per_s: the same with 1,000 calls in flight
 - fanout_5_agents_ms: one operator call fanned out to 5 agents (`*`), until all replied (median)
 - schema_validation_us_greet / _rich: the runtime's parameter check per call (msgspec), in process, minus no check
+- rollout_10_agents_s: release a bundle version -> all of 10 supervised agents committed it (bench/rollout.py)
 
 Budgets live in shared/DESIGN.md section 9; nothing here asserts them. Usage: python bench/run.py [--quick]
 """
@@ -236,8 +237,13 @@ def schema_validation_us(quick: bool) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer calls and a short idle (a smoke run)")
+    parser.add_argument("--no-rollout", action="store_true", help="skip rollout_10_agents_s (10 agents, ~1 min)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(bench(args.quick)), indent=2))
+    figures = asyncio.run(bench(args.quick))
+    if not args.no_rollout:
+        from rollout import rollout_10_agents
+        figures.update(rollout_10_agents())
+    print(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

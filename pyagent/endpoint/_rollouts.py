@@ -362,10 +362,12 @@ class RolloutManager:
             counts[m.state] = counts.get(m.state, 0) + 1
         gate = self._gate(rollout, members)
         waves = []
+        wave_of: dict[str, int] = {}
         start = 0
         for i, fraction in enumerate(rollout.waves):
             end = wave_size(fraction, len(members))
             part = members[start:end]
+            wave_of.update((m.agent_id, i + 1) for m in part)
             waves.append({"wave": i + 1, "percent": format_percent(fraction), "members": len(part),
                           "ended": sum(1 for m in part if m.state in ENDED),
                           "committed": sum(1 for m in part if m.state == "committed"),
@@ -385,7 +387,8 @@ class RolloutManager:
             names = {r[0]: r[1] for r in self._db.execute(
                 "SELECT a.agent_id, a.name FROM agents a JOIN rollout_members m ON m.agent_id = a.agent_id"
                 " WHERE m.rollout_id = ?", (rollout_id,))}
-            out["agents"] = [{"agent_id": m.agent_id, "name": names.get(m.agent_id), "state": m.state,
+            out["agents"] = [{"agent_id": m.agent_id, "name": names.get(m.agent_id), "wave": wave_of.get(m.agent_id),
+                              "state": m.state,
                               "detail": m.detail, "offered_ms": m.offered_ms, "ended_ms": m.ended_ms}
                              for m in members]
         return out
