@@ -9,8 +9,9 @@
  *     from STATE/host/<version>/ finds the installed Python environment.
  *   - before_worker_start(): a staged update (STATE/updates/staged.json) is swapped in, or an interrupted swap,
  *     probation or rollback is finished (pa_upd_prepare); the probation timer starts with the worker.
- *   - on_probation(): probation_ms after the start, STATE/updates/healthy holding this worker's pid commits the
- *     update; anything else rolls it back and restarts the worker on the previous version.
+ *   - on_probation(): polls STATE/updates/healthy until it holds this worker's pid (the worker's first handshake
+ *     with its bundles loaded), for at most probation_handshake_ms; then probation_ms more of running commits the
+ *     update. No healthy handshake in time rolls it back and restarts the worker on the previous version.
  *   - after_worker_exit(): any exit during probation (but a stop of the supervisor) rolls back and restarts at once,
  *     without backoff and outside the crash-loop count; exit 76 (an update was staged) restarts at once too.
  * The signals, the lock, the caps and the restart log are unchanged. */
@@ -52,7 +53,8 @@ typedef struct pa__sup_s {
   uv_timer_t kill_timer;    /* SIGTERM sent: SIGKILL when it fires */
   uv_timer_t check_timer;   /* RSS/CPU caps */
   uv_timer_t stable_timer;  /* the worker has run stable_ms */
-  uv_timer_t probation_timer; /* an update in probation: the verdict after probation_ms */
+  uv_timer_t probation_timer; /* an update in probation: polls for `healthy`, then the verdict after probation_ms */
+  int probation_healthy;    /* the worker in probation has marked itself healthy: the timer is now the verdict */
   pa_upd_t upd;             /* the update in probation */
   int in_probation;
   uint64_t upd_seq;         /* of the last record in updates.jsonl */
@@ -259,27 +261,46 @@ static void on_stable(uv_timer_t *t) {
 
 static void on_restart_timer(uv_timer_t *t) { start_worker(t->data); }
 
-#define PA__NOT_HEALTHY "no healthy handshake within probation_ms"
+#define PA__NOT_HEALTHY "no healthy handshake within probation_handshake_ms"
+#define PA__HEALTH_POLL_MS 200
 
-/* SEAM (updates): the probation verdict, probation_ms after the worker started on a new version. */
+static void commit(pa__sup_t *s) {
+  char err[PATH_MAX + 256], q[PATH_MAX + 300];
+  s->in_probation = 0;
+  if (pa_upd_commit(s->set.state_dir, &s->upd_seq, &s->upd, err, sizeof err) != 0) {
+    pa_log(PA_LOG_ERROR, "supervisor.update.commit_failed", "kind=%s name=%s version=%s error=%s", s->upd.kind,
+           s->upd.name, s->upd.version, pa_log_quote(q, sizeof q, err));
+    return;
+  }
+  pa_log(PA_LOG_INFO, "supervisor.update.committed", "kind=%s name=%s version=%s previous=%s pid=%d", s->upd.kind,
+         s->upd.name, s->upd.version, s->upd.previous[0] ? s->upd.previous : "-", s->pid);
+}
+
+/* SEAM (updates): the probation. Phase 1, every PA__HEALTH_POLL_MS: has the worker marked itself healthy (its pid in
+ * STATE/updates/healthy)? Yes → phase 2: the verdict probation_ms later, commit unless it exited meanwhile (then
+ * after_worker_exit rolls back). Not within probation_handshake_ms → roll back. Waiting for the handshake rather
+ * than judging at a fixed time keeps a slow start (a busy machine, ten agents restarting at once, an endpoint that
+ * is briefly away) from failing a good version, while "no crash for N seconds" still means N seconds of serving. */
 static void on_probation(uv_timer_t *t) {
   pa__sup_t *s = t->data;
   if (!s->in_probation || !s->running || s->stopping) return; /* an exit is on its way: after_worker_exit decides */
-  long healthy = pa_upd_read_healthy(s->set.state_dir);
-  if (healthy == s->pid) {
-    char err[PATH_MAX + 256], q[PATH_MAX + 300];
-    s->in_probation = 0;
-    if (pa_upd_commit(s->set.state_dir, &s->upd_seq, &s->upd, err, sizeof err) != 0) {
-      pa_log(PA_LOG_ERROR, "supervisor.update.commit_failed", "kind=%s name=%s version=%s error=%s", s->upd.kind,
-             s->upd.name, s->upd.version, pa_log_quote(q, sizeof q, err));
-      return;
-    }
-    pa_log(PA_LOG_INFO, "supervisor.update.committed", "kind=%s name=%s version=%s previous=%s pid=%d", s->upd.kind,
-           s->upd.name, s->upd.version, s->upd.previous[0] ? s->upd.previous : "-", s->pid);
+  if (s->probation_healthy) {
+    commit(s);
     return;
   }
-  pa_log(PA_LOG_WARNING, "supervisor.update.unhealthy", "pid=%d healthy_pid=%ld probation_ms=%" PRIu64, s->pid,
-         healthy, s->set.probation_ms);
+  long healthy = pa_upd_read_healthy(s->set.state_dir);
+  uint64_t waited = uv_now(s->loop) - s->started_ms;
+  if (healthy == s->pid) {
+    s->probation_healthy = 1;
+    uv_timer_stop(&s->probation_timer);
+    pa_log(PA_LOG_INFO, "supervisor.update.healthy", "kind=%s name=%s version=%s pid=%d after_ms=%" PRIu64
+           " probation_ms=%" PRIu64, s->upd.kind, s->upd.name, s->upd.version, s->pid, waited, s->set.probation_ms);
+    uv_timer_start(&s->probation_timer, on_probation, s->set.probation_ms, 0);
+    return;
+  }
+  if (waited < s->set.probation_handshake_ms) return; /* the poll repeats */
+  pa_log(PA_LOG_WARNING, "supervisor.update.unhealthy", "pid=%d healthy_pid=%ld probation_handshake_ms=%" PRIu64,
+         s->pid, healthy, s->set.probation_handshake_ms);
   rollback(s, PA__NOT_HEALTHY);
   /* The worker on the new version is stopped; its exit restarts it at once on the previous one. */
   s->killed_for = "rolled_back";
@@ -460,9 +481,10 @@ static void start_worker(pa__sup_t *s) {
   if (s->set.stable_ms) uv_timer_start(&s->stable_timer, on_stable, s->set.stable_ms, 0);
   if (s->in_probation) {
     pa_log(PA_LOG_INFO, "supervisor.update.probation", "kind=%s name=%s version=%s previous=%s pid=%d probation_ms=%"
-           PRIu64, s->upd.kind, s->upd.name, s->upd.version, s->upd.previous[0] ? s->upd.previous : "-", s->pid,
-           s->set.probation_ms);
-    uv_timer_start(&s->probation_timer, on_probation, s->set.probation_ms, 0);
+           PRIu64 " probation_handshake_ms=%" PRIu64, s->upd.kind, s->upd.name, s->upd.version,
+           s->upd.previous[0] ? s->upd.previous : "-", s->pid, s->set.probation_ms, s->set.probation_handshake_ms);
+    s->probation_healthy = 0;
+    uv_timer_start(&s->probation_timer, on_probation, PA__HEALTH_POLL_MS, PA__HEALTH_POLL_MS);
   }
   if (s->set.max_rss_kb || s->set.max_cpu_percent > 0)
     uv_timer_start(&s->check_timer, on_check, s->set.check_interval_ms, s->set.check_interval_ms);

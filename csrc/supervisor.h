@@ -52,10 +52,12 @@ typedef struct pa_sup_settings_s {
   unsigned crash_loop_count;
   uint64_t crash_loop_window_ms;
   uint64_t stop_timeout_ms;
-  uint64_t probation_ms;    /* after an update is swapped in: the worker must be healthy by then (docs/updates.md) */
+  uint64_t probation_ms;    /* an update's worker must run this long after its healthy handshake (docs/updates.md) */
+  uint64_t probation_handshake_ms; /* … and reach that handshake within this long after its start */
 } pa_sup_settings_t;
 
 #define PA_SUP_PROBATION_MS_DEFAULT 30000
+#define PA_SUP_PROBATION_HANDSHAKE_MS_DEFAULT 120000
 
 /* Parse the JSON printed by `check-config --json`. Returns 0, or -1 with a message in err naming the key. A document
  * with "ok": false and no settings (the file itself is bad) is an error whose message is the config error. */

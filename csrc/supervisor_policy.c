@@ -100,6 +100,9 @@ int pa_sup_settings_parse(const char *text, size_t len, pa_sup_settings_t *s, ch
   if (!json_object_get(sup, "probation_ms")) s->probation_ms = PA_SUP_PROBATION_MS_DEFAULT;
   else if (get_u64(sup, "probation_ms", 1000, 3600000, &s->probation_ms, err, cap))
     goto done;
+  if (!json_object_get(sup, "probation_handshake_ms")) s->probation_handshake_ms = PA_SUP_PROBATION_HANDSHAKE_MS_DEFAULT;
+  else if (get_u64(sup, "probation_handshake_ms", 1000, 3600000, &s->probation_handshake_ms, err, cap))
+    goto done;
   s->max_rss_kb = rss_mb * 1024;
   s->crash_loop_count = (unsigned)loop_count;
   json_t *cpu = json_object_get(sup, "max_cpu_percent");

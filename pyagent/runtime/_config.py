@@ -42,7 +42,7 @@ _SUPERVISOR_INT_KEYS = {  # key -> (low, high); the defaults are SupervisorConfi
     "max_rss_mb": (0, 1 << 20), "check_interval_ms": (100, 3_600_000), "restart_min_ms": (1, 3_600_000),
     "restart_max_ms": (1, 86_400_000), "stable_ms": (0, 86_400_000), "crash_loop_count": (1, 1000),
     "crash_loop_window_ms": (1000, 86_400_000), "stop_timeout_ms": (100, 600_000),
-    "probation_ms": (1000, 3_600_000)}
+    "probation_ms": (1000, 3_600_000), "probation_handshake_ms": (1000, 3_600_000)}
 _SUPERVISOR_KEYS = ("max_rss_mb", "max_cpu_percent", *list(_SUPERVISOR_INT_KEYS)[1:])
 # Keys that PYAGENT_<KEY> may override.
 ENV_KEYS = ("name", "state_dir", "endpoints", "ca", "server_name", "token", "log_level")
@@ -108,7 +108,8 @@ class SupervisorConfig:
     crash_loop_count: int = 5
     crash_loop_window_ms: int = 120_000
     stop_timeout_ms: int = 5000
-    probation_ms: int = 30_000  # an update's probation (docs/updates.md §3)
+    probation_ms: int = 30_000  # an update's probation: this long without exiting after its healthy handshake
+    probation_handshake_ms: int = 120_000  # the new version must reach a healthy handshake within this (docs/updates.md §3)
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,8 @@ def supervisor_settings(config: AgentConfig) -> dict[str, Any]:
                            "restart_max_ms": sup.restart_max_ms, "stable_ms": sup.stable_ms,
                            "crash_loop_count": sup.crash_loop_count,
                            "crash_loop_window_ms": sup.crash_loop_window_ms,
-                           "stop_timeout_ms": sup.stop_timeout_ms, "probation_ms": sup.probation_ms}}
+                           "stop_timeout_ms": sup.stop_timeout_ms, "probation_ms": sup.probation_ms,
+                           "probation_handshake_ms": sup.probation_handshake_ms}}
 
 
 def _print_settings(config: AgentConfig | None, error: str | None) -> None:

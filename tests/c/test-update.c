@@ -428,10 +428,12 @@ TEST_IMPL(supervisor_settings_probation) {
   snprintf(json, sizeof json, base, "");
   ASSERT_OK(pa_sup_settings_parse(json, strlen(json), &s, err, sizeof err));
   ASSERT_UINT64_EQ(s.probation_ms, 30000); /* absent: the default */
+  ASSERT_UINT64_EQ(s.probation_handshake_ms, 120000);
   pa_sup_settings_free(&s);
-  snprintf(json, sizeof json, base, ", \"probation_ms\": 2000");
+  snprintf(json, sizeof json, base, ", \"probation_ms\": 2000, \"probation_handshake_ms\": 4000");
   ASSERT_OK(pa_sup_settings_parse(json, strlen(json), &s, err, sizeof err));
   ASSERT_UINT64_EQ(s.probation_ms, 2000);
+  ASSERT_UINT64_EQ(s.probation_handshake_ms, 4000);
   pa_sup_settings_free(&s);
   const char *bad[] = {", \"probation_ms\": 999", ", \"probation_ms\": 3600001", ", \"probation_ms\": \"5s\"",
                        ", \"probation_ms\": -1"};
@@ -440,6 +442,9 @@ TEST_IMPL(supervisor_settings_probation) {
     ASSERT_EQ(pa_sup_settings_parse(json, strlen(json), &s, err, sizeof err), -1);
     ASSERT(strstr(err, "supervisor.probation_ms") != NULL && strstr(err, "between 1000 and 3600000") != NULL);
   }
+  snprintf(json, sizeof json, base, ", \"probation_handshake_ms\": 500");
+  ASSERT_EQ(pa_sup_settings_parse(json, strlen(json), &s, err, sizeof err), -1);
+  ASSERT(strstr(err, "supervisor.probation_handshake_ms") != NULL);
   pa_sup_action_t a;
   int ab;
   ASSERT(strcmp(pa_sup_classify(PA_WORKER_EXIT_UPDATE, 0, NULL, 0, &a, &ab), "update") == 0);

@@ -69,6 +69,15 @@ def test_killed_worker_is_restarted_and_reconnects(tmp_path: Path, endpoint: End
     assert 50 <= rec["delay_ms"] <= 100  # the first backoff step: between half and all of restart_min_ms
     [line] = sup.events("supervisor.restart")
     assert line["reason"] == "signal" and line["signal"] == str(int(signal.SIGKILL)) and line["pid"] == str(first)
+    # The next worker reports the restart and its reason to the endpoint (an event, through the outbox).
+
+    def reported() -> list[dict[str, Any]]:
+        status, body = endpoint.api("GET", f"/api/v1/events?select={sup.agent_id}&event=supervisor.restart")
+        assert status == 200, body
+        return list(body["events"])
+    [event] = wait_for(reported, 20, "the restart to be reported to the endpoint")
+    assert event["object"] == "pyagent" and event["data"]["reason"] == "signal", event
+    assert event["data"]["worker_pid"] == first and event["data"]["signal"] == signal.SIGKILL, event
 
 
 def test_agent_restart_is_immediate(tmp_path: Path, endpoint: EndpointProc,
@@ -240,7 +249,8 @@ def test_check_config_json_settings(tmp_path: Path) -> None:
         "ok": True, "config": str(sup.config), "state_dir": str(sup.state), "log_level": "debug",
         "supervisor": {"max_rss_mb": 200, "max_cpu_percent": 75.5, "check_interval_ms": 5000, "restart_min_ms": 1000,
                        "restart_max_ms": 60000, "stable_ms": 60000, "crash_loop_count": 5,
-                       "crash_loop_window_ms": 120000, "stop_timeout_ms": 5000, "probation_ms": 30000}}
+                       "crash_loop_window_ms": 120000, "stop_timeout_ms": 5000, "probation_ms": 30000,
+                                      "probation_handshake_ms": 120000}}
     bad = SupervisorProc(tmp_path / "b", "127.0.0.1:9", ANY_FILE, "t", [],
                          extra="[supervisor]\nrestart_min_ms = 500\nrestart_max_ms = 100\n")
     code, doc, err = check_config(bad.config, "--no-bundles")

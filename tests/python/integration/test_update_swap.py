@@ -22,12 +22,14 @@ from harness import BUNDLES, TEST_BUNDLES, EndpointProc, SupervisorProc, alive, 
 pytestmark = pytest.mark.integration
 
 PROBATION_MS = 2000
+HANDSHAKE_MS = 3000  # a new version that has not marked itself healthy by then is rolled back
 
 
 def fast(probation_ms: int = PROBATION_MS) -> str:
     """Short delays so every path runs in a second or two."""
     return ("[supervisor]\nrestart_min_ms = 100\nrestart_max_ms = 1500\nstable_ms = 3000\ncrash_loop_count = 3\n"
-            f"crash_loop_window_ms = 20000\nstop_timeout_ms = 2000\nprobation_ms = {probation_ms}\n")
+            f"crash_loop_window_ms = 20000\nstop_timeout_ms = 2000\nprobation_ms = {probation_ms}\n"
+            f"probation_handshake_ms = {HANDSHAKE_MS}\n")
 
 
 ALLOW_LIFECYCLE = "[allow]\nlifecycle = true\n"
@@ -165,7 +167,8 @@ def test_host_that_exits_at_once_is_rolled_back(tmp_path: Path, endpoint: Endpoi
 
 def test_host_without_handshake_rolled_back_to_previous_host(tmp_path: Path, endpoint: EndpointProc,
                                                              supervisors: list[SupervisorProc]) -> None:
-    """A host update already committed (link on 9.9.9); the next one never reports healthy: after probation_ms it
+    """A host update already committed (link on 9.9.9); the next one never reports healthy: after
+    probation_handshake_ms it
     is stopped and the link goes back to 9.9.9, not to the installed binary."""
     sup = new_sup(tmp_path, endpoint, supervisors, [BUNDLES / "hello"], extra=ALLOW_LIFECYCLE)
     good = sup.state / "host" / "9.9.9"
@@ -188,9 +191,9 @@ def test_host_without_handshake_rolled_back_to_previous_host(tmp_path: Path, end
     wait_for(lambda: len(sup.worker_pids()) >= 2, 10, "the worker on 7.7.7")
     mute_pid = sup.worker_pids()[1]
     assert link(sup.state / "host" / "current") == "7.7.7"
-    wait_for(lambda: settled(sup.state, "rolled_back"), PROBATION_MS / 1000 + 10, "the rollback")
+    wait_for(lambda: settled(sup.state, "rolled_back"), HANDSHAKE_MS / 1000 + 10, "the rollback")
     rec = records(sup.state)[-1]
-    assert rec["detail"] == "no healthy handshake within probation_ms"
+    assert rec["detail"] == "no healthy handshake within probation_handshake_ms"
     assert rec["version"] == "7.7.7" and rec["previous"] == "9.9.9"
     assert link(sup.state / "host" / "current") == "9.9.9"
     wait_for(lambda: len(sup.worker_pids()) >= 3, 10, "the worker back on 9.9.9")

@@ -212,6 +212,7 @@ def test_upgrades_and_probation_ms_config(write_config: Callable[[str], Path]) -
     config = load_config(write_config('endpoints = ["127.0.0.1:1"]\nca = "ca.pem"\n'))
     assert config.upgrades is True and config.supervisor.probation_ms == 30_000
     assert supervisor_settings(config)["supervisor"]["probation_ms"] == 30_000
+    assert supervisor_settings(config)["supervisor"]["probation_handshake_ms"] == 120_000
     config = load_config(write_config('endpoints = ["127.0.0.1:1"]\nca = "ca.pem"\nupgrades = false\n'
                                       '[supervisor]\nprobation_ms = 5000\n'))
     assert config.upgrades is False and supervisor_settings(config)["supervisor"]["probation_ms"] == 5000
