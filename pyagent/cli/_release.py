@@ -19,14 +19,19 @@ import subprocess
 import tarfile
 import tomllib
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pyagent._updatenames import bundle_name_problem, version_problem
 from pyagent.cli._client import ApiClient, default_state_dir, find_api
 from pyagent.cli._errors import EXIT_OK, CliError, UsageError
 from pyagent.cli._format import table
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
+if TYPE_CHECKING:
+    from securesystemslib.signer import Signer
+    from tuf.api.metadata import Metadata, Targets
+
 _PLATFORM = re.compile(r"[a-z0-9_]+-[a-z0-9_]+\Z")
 VERSION_TIMEOUT = 10.0
 UPLOAD_TIMEOUT = 600.0
@@ -40,11 +45,11 @@ def _keys_dir(args: argparse.Namespace) -> Path:
     return Path(args.keys).expanduser() if args.keys else _state_dir(args) / "tuf-keys"
 
 
-def _check_name(what: str, value: Any) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise UsageError(f"bad {what} {value!r}: letters, digits, '.', '_', '+', '-' (at most 64, not starting "
-                         "with a dot)")
-    return value
+def _checked(problem_of: Callable[[object], str | None], what: str, value: Any) -> str:
+    problem = problem_of(value)
+    if problem is not None:
+        raise UsageError(f"{what}: {problem}")
+    return str(value)
 
 
 # -- the bundle archive ---------------------------------------------------------------------------------------
@@ -61,8 +66,8 @@ def bundle_archive(directory: Path) -> tuple[str, str, bytes]:
         raise UsageError(f"{directory} has no bundle.toml") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"cannot read {directory / 'bundle.toml'}: {exc}") from None
-    name = _check_name("bundle name in bundle.toml", doc.get("name"))
-    version = _check_name("bundle version in bundle.toml", doc.get("version"))
+    name = _checked(bundle_name_problem, "bundle.toml: name", doc.get("name"))
+    version = _checked(version_problem, "bundle.toml: version", doc.get("version"))
     raw = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -106,6 +111,7 @@ def publish(client: ApiClient, keys_dir: Path, path: str, data: bytes, custom: d
         raise UsageError(f"{exc} (pass --keys DIR: the directory with targets.key)") from None
     summary = client.get("/api/v1/releases")
     current: Metadata[Targets] = Metadata.from_dict(client.get("/api/v1/releases/metadata/targets.json"))
+    check_signed_by(current, signer)
     target = TargetFile.from_data(path, data, ["sha256"])
     target.unrecognized_fields["custom"] = {"pyagent": custom}
     old = current.signed.targets.get(path)
@@ -122,6 +128,24 @@ def publish(client: ApiClient, keys_dir: Path, path: str, data: bytes, custom: d
     current.sign(signer)
     reply: dict[str, Any] = client._request("POST", "/api/v1/releases/targets", current.to_bytes(), UPLOAD_TIMEOUT)
     return reply
+
+
+def check_signed_by(current: Metadata[Targets], signer: Signer) -> None:
+    """Refuse to build on a targets document the endpoint sent unless it carries a valid signature of this very key:
+    the new version is signed over everything it lists, so a compromised endpoint must not slip entries in."""
+    from securesystemslib.exceptions import UnverifiedSignatureError
+    from tuf.api.serialization.json import CanonicalJSONSerializer
+
+    key = signer.public_key
+    signature = current.signatures.get(key.keyid)
+    try:
+        if signature is None:
+            raise UnverifiedSignatureError("no signature by this key")
+        key.verify_signature(signature, CanonicalJSONSerializer().serialize(current.signed))
+    except UnverifiedSignatureError as exc:
+        raise CliError(f"refusing to sign: the endpoint's targets.json (version {current.signed.version}) is not "
+                       f"signed by the targets key {key.keyid[:12]}… ({exc}); was it changed on the endpoint, or "
+                       "is this the wrong --keys directory?") from None
 
 
 def _report(args: argparse.Namespace, what: str, path: str, reply: dict[str, Any]) -> int:
@@ -144,7 +168,7 @@ def run_release_bundle(args: argparse.Namespace) -> int:
 
 def run_release_host(args: argparse.Namespace) -> int:
     binary = Path(args.binary)
-    version = _check_name("--version", args.version)
+    version = _checked(version_problem, "--version", args.version)
     if not _PLATFORM.match(args.platform):
         raise UsageError(f"bad --platform {args.platform!r}: <system>-<machine> in lower case, e.g. linux-x86_64")
     try:

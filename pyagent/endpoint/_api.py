@@ -38,6 +38,7 @@ from pyagent.protocol import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
+    NOT_ALLOWED,
     UNAUTHORIZED,
     RemoteError,
 )
@@ -254,6 +255,10 @@ def create_app(backend: ApiBackend, authenticate: Authenticator, *, max_body_byt
             target, method, params, timeout = parse_call(data)
         except _BadRequest as exc:
             return _error(400, INVALID_PARAMS, str(exc))
+        if method == "agent.update":
+            # Updates go through rollouts (admin): waves, gates, pins and opt-outs apply, and states are tracked.
+            return _error(403, NOT_ALLOWED, "agent.update is offered by rollouts only: pyagent rollout start "
+                                            "--bundle NAME==VERSION | --host VERSION")
         concurrency = data.get("concurrency", DEFAULT_CONCURRENCY)
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or not 1 <= concurrency <= MAX_CONCURRENCY:
             return _error(400, INVALID_PARAMS, f"'concurrency' must be an integer in [1, {MAX_CONCURRENCY}]")

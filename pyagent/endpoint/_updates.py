@@ -8,11 +8,12 @@ version) and its opt-out. Use from the event loop thread only.
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from pyagent._updatenames import HOST_NAME, bundle_name_problem, version_problem
 
 UPDATES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS agent_updates (
@@ -35,14 +36,11 @@ CREATE TABLE IF NOT EXISTS agent_update_policy (
 """
 
 KINDS = ("bundle", "host")
-HOST_NAME = "pyagent-host"
 STATES = ("offered", "downloading", "verifying", "staged", "restarting", "probation", "committed", "rolled_back",
           "failed", "refused")
 EVENT_OBJECT = "pyagent"
 EVENT_NAME = "update.state"
 MAX_DETAIL = 4000
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")
 
 
 def now_ms() -> int:
@@ -55,15 +53,11 @@ def check_name(kind: str, name: str) -> str | None:
         return f"kind must be bundle or host, got {kind!r}"
     if kind == "host":
         return None if name == HOST_NAME else f"a host update's name is {HOST_NAME!r}, got {name!r}"
-    if not _NAME_RE.match(name):
-        return f"bad bundle name {name!r} (letters, digits, '.', '_', '-')"
-    return None
+    return bundle_name_problem(name)
 
 
 def check_version(version: str) -> str | None:
-    if not _VERSION_RE.match(version):
-        return f"bad version {version!r} (letters, digits, '.', '+', '_', '-'; at most 64 characters)"
-    return None
+    return version_problem(version)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from pyagent.protocol._codec import MAX_NESTING, decode, encode
 from pyagent.protocol._errors import (
     AGENT_PAUSED,
     AGENT_UNAVAILABLE,
+    AGENT_BUSY,
     ENROLLMENT_PENDING,
     ERROR_NAMES,
     FRAME_TOO_LARGE,
@@ -34,6 +35,7 @@ from pyagent.protocol._messages import (
 __all__ = [
     "AGENT_PAUSED",
     "AGENT_UNAVAILABLE",
+    "AGENT_BUSY",
     "ENROLLMENT_PENDING",
     "DEFAULT_MAX_FRAME_BYTES",
     "ERROR_NAMES",

@@ -18,6 +18,7 @@ FRAME_TOO_LARGE = -32005
 AGENT_PAUSED = -32006
 NOT_ALLOWED = -32007
 ENROLLMENT_PENDING = -32010
+AGENT_BUSY = -32011
 
 ERROR_NAMES: dict[int, str] = {
     PARSE_ERROR: "parse_error",
@@ -34,6 +35,7 @@ ERROR_NAMES: dict[int, str] = {
     AGENT_PAUSED: "agent_paused",
     NOT_ALLOWED: "not_allowed",
     ENROLLMENT_PENDING: "enrollment_pending",
+    AGENT_BUSY: "agent_busy",
 }
 
 

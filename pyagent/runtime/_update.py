@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pyagent._files import write_atomic
-from pyagent.protocol import INVALID_PARAMS, INVALID_REQUEST, NOT_ALLOWED, ProtocolError
+from pyagent._updatenames import HOST_NAME, bundle_name_problem, version_problem
+from pyagent.protocol import AGENT_BUSY, INVALID_PARAMS, INVALID_REQUEST, NOT_ALLOWED, ProtocolError
 from pyagent.runtime._control import EXIT_UPDATE
 from pyagent.runtime._ledger import OBJECT, UPDATE_EVENT, UPDATES_DIR
 from pyagent.runtime._log import log_event
@@ -35,7 +36,6 @@ from pyagent.runtime._outbox import Outbox
 
 PROBATION_FILE = "probation.json"
 HEALTHY_FILE = "healthy"
-HOST_NAME = "pyagent-host"
 KINDS = ("bundle", "host")
 PARAMS = ("kind", "name", "version", "target", "rollout")
 PROGRESS_INTERVAL = 1.0  # seconds between two `downloading` reports
@@ -43,8 +43,6 @@ ACK_WAIT = 2.0  # seconds to wait for the outbox before exiting to be swapped
 UPDATER_TIMEOUT = 3600.0  # a download that takes longer is stopped and reported failed
 STDERR_TAIL = 2000
 
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 _TARGET_RE = re.compile(r"[A-Za-z0-9_.+-]+(?:/[A-Za-z0-9_.+-]+)*")
 
 _log = logging.getLogger("pyagent.runtime.update")
@@ -82,12 +80,12 @@ def parse_offer(params: Mapping[str, Any]) -> Offer:
     kind, name, version, target = (str(params[k]) for k in ("kind", "name", "version", "target"))
     if kind not in KINDS:
         raise bad("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
-    if kind == "bundle" and not _NAME_RE.fullmatch(name):
-        raise bad("name", f"must be a bundle name (an identifier), got {name!r}")
+    if kind == "bundle" and (problem := bundle_name_problem(name)):
+        raise bad("name", problem)
     if kind == "host":
         name = HOST_NAME
-    if not _VERSION_RE.fullmatch(version):
-        raise bad("version", f"must be a version (letters, digits, '.', '_', '+', '-'), got {version!r}")
+    if problem := version_problem(version):
+        raise bad("version", problem)
     if not _TARGET_RE.fullmatch(target) or any(part in (".", "..") for part in target.split("/")):
         raise bad("target", f"must be a relative target path, got {target!r}")
     rollout = params.get("rollout")
@@ -100,7 +98,8 @@ class Updates:
     """`agent.update` and the updater process of one worker."""
 
     def __init__(self, *, config_path: Path, state_dir: Path, upgrades: bool, supervised: bool, host_exe: str,
-                 outbox: Outbox, request_exit: Callable[[int], None], env: Mapping[str, str] | None = None) -> None:
+                 outbox: Outbox, request_exit: Callable[[int], None], env: Mapping[str, str] | None = None,
+                 installed: Mapping[tuple[str, str], str] | None = None) -> None:
         self.config_path = Path(config_path)
         self.state_dir = Path(state_dir)
         self.upgrades = upgrades
@@ -109,6 +108,7 @@ class Updates:
         self.outbox = outbox
         self.request_exit = request_exit
         self.env = dict(os.environ if env is None else env)
+        self.installed = dict(installed or {})  # (kind, name) -> the version this worker runs
         self.running: Offer | None = None
         self.task: asyncio.Task[None] | None = None
         self.last_state = ""
@@ -126,7 +126,14 @@ class Updates:
         if not self.supervised:
             raise ProtocolError(INVALID_REQUEST, "updates need the supervisor (this worker runs with --foreground)")
         if self.running is not None:
-            raise ProtocolError(INVALID_REQUEST, f"an update is already running ({self.running.describe()})")
+            raise ProtocolError(AGENT_BUSY, f"an update is already running ({self.running.describe()})")
+        pending = [f for f in ("staged.json", PROBATION_FILE) if (self.state_dir / UPDATES_DIR / f).exists()]
+        if pending:  # a second swap now would end the first one's probation as a failure
+            raise ProtocolError(AGENT_BUSY, f"an update is {'staged' if pending[0] == 'staged.json' else 'in probation'}"
+                                            " on this agent; offer again when it has ended")
+        if self.installed.get((offer.kind, offer.name)) == offer.version:
+            self._report(offer, "committed", "already running this version")
+            return {"state": "committed"}
         self.running = offer
         self._report(offer, "offered")
         log_event(_log, logging.INFO, "update.offered", f"update offered: {offer.describe()}", target=offer.target,

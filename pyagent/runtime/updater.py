@@ -27,9 +27,12 @@ Then `STATE/updates/staged.json` is written atomically; the supervisor swaps it 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -47,6 +50,7 @@ from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface, Updater
 
 from pyagent._files import write_atomic
+from pyagent._updatenames import HOST_NAME, LINK_NAME, bundle_name_problem, version_problem
 from pyagent.runtime._config import AgentConfig, load_config
 from pyagent.runtime._errors import ConfigError
 
@@ -60,9 +64,10 @@ CHUNK = 256 * 1024
 PROGRESS_EVERY = 0.25  # seconds between two progress lines (the worker reports at most one a second)
 SOCKET_TIMEOUT = 30.0
 VERSION_TIMEOUT = 15.0
+LEFTOVER_AGE = 86400.0  # partial downloads untouched this long are removed
 
 REASONS = ("repository_unreachable", "metadata_expired", "bad_signature", "rollback", "hash_mismatch",
-           "target_unknown", "bad_target", "io_error")
+           "target_unknown", "bad_target", "io_error", "busy")
 
 _log = logging.getLogger("pyagent.runtime.updater")
 
@@ -165,7 +170,33 @@ class Update:
         self.fetcher = fetcher or MtlsFetcher(config)
 
     def run(self) -> Path:
-        """Download, verify and stage; return the staged directory. Raises UpdateFailedError."""
+        """Download, verify and stage; return the staged directory. Raises UpdateFailedError. One updater at a time
+        per state dir (an flock on updates/.updater.lock): a second one fails with reason `busy`."""
+        updates = self.state / "updates"
+        updates.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(updates / ".updater.lock", "a+b") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UpdateFailedError("busy", "another update is running on this agent") from None
+            if (updates / "staged.json").exists() or (updates / "probation.json").exists():
+                raise UpdateFailedError("busy", "another update is staged or in probation on this agent")
+            self.clean_leftovers()
+            return self._run()
+
+    def clean_leftovers(self) -> None:
+        """Partial downloads older than a day and staging directories of updaters that were killed."""
+        cutoff = time.time() - LEFTOVER_AGE
+        for part in (self.state / "updates" / "downloads").glob("*.part"):
+            with contextlib.suppress(OSError):
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+        for parent in (self.state / "host", *(self.state / "bundles").glob("*")):
+            for tmp in parent.glob(".*.tmp"):
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+    def _run(self) -> Path:
         try:
             info = self.target_info()
             part = self.download(info)
@@ -226,6 +257,8 @@ class Update:
         expected: dict[str, str] = {"kind": req.kind, "version": req.version}
         if req.kind == "bundle":
             expected["name"] = req.name
+        else:  # a host binary for another platform must not be staged here
+            expected["platform"] = f"{platform.system()}-{platform.machine()}".lower()
         if not isinstance(custom, dict) or any(custom.get(k) != v for k, v in expected.items()):
             raise UpdateFailedError("bad_target", f"target {req.target} is signed as {custom!r}, not as the offered "
                                                   f"{req.kind} {req.name} {req.version}")
@@ -306,6 +339,9 @@ class Update:
         else:
             final = self.state / "host" / req.version
         final.parent.mkdir(parents=True, exist_ok=True)
+        link = final.parent / LINK_NAME
+        if final.is_symlink() or (link.is_symlink() and os.readlink(link) == req.version):
+            raise UpdateFailedError("bad_target", f"{req.kind} {req.name} {req.version} is the version running now")
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(mode=0o755)
@@ -345,7 +381,7 @@ class Update:
 
     def _stage_host(self, part: Path, tmp: Path) -> None:
         req = self.request
-        exe = tmp / "pyagent-host"
+        exe = tmp / HOST_NAME
         shutil.copyfile(part, exe)
         os.chmod(exe, 0o755)
         try:
@@ -409,7 +445,11 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="pyagent-host update: %(message)s")
-    request = Request(args.kind, "pyagent-host" if args.kind == "host" else args.name, args.version, args.target,
+    problem = version_problem(args.version) or (bundle_name_problem(args.name) if args.kind == "bundle" else None)
+    if problem:
+        sys.stderr.write(f"pyagent-host update: {problem}\n")
+        return EXIT_USAGE
+    request = Request(args.kind, HOST_NAME if args.kind == "host" else args.name, args.version, args.target,
                       args.rollout)
     try:
         config = load_config(args.config)

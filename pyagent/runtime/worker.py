@@ -22,6 +22,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pyagent._updatenames import HOST_NAME
 from pyagent.runtime._bridge import HostModule, import_host
 from pyagent.runtime._bundle import Bundle, load_bundles, resolve_bundle_paths
 from pyagent.runtime._config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
@@ -422,7 +423,9 @@ async def _serve(host: HostModule, config: AgentConfig, bundles: Sequence[Bundle
                       allow=config.allow)
     updates = Updates(config_path=config.path, state_dir=config.state_dir, upgrades=config.upgrades,
                       supervised=supervised, host_exe=host_executable(), outbox=runtime.outbox,
-                      request_exit=runtime.exit)
+                      request_exit=runtime.exit,
+                      installed={**{("bundle", b.name): b.version for b in bundles},
+                                 ("host", HOST_NAME): host.version()})
     runtime.controller.update = updates.offer
     background = asyncio.get_running_loop().create_task(_update_duties(runtime, updates, config), name="updates")
     try:

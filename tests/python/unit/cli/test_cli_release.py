@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import gzip
 import io
 import json
 import shutil
 import stat
 import sys
-import gzip
 import tarfile
 from pathlib import Path
 
+import pytest
 from clihelp import REPO, ServeProc, run_cli
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata, TargetFile, Targets
 
-from pyagent.cli._release import bundle_archive
+from pyagent.cli._errors import CliError
+from pyagent.cli._release import bundle_archive, check_signed_by
 
 
 def copy_bundle(tmp_path: Path, version: str = "1.0.0") -> Path:
@@ -89,12 +94,13 @@ def test_release_bundle_host_ls_and_refusals(tmp_path: Path) -> None:
         table = run_cli("release", "ls", "--state-dir", state).stdout
         assert "bundles/hello/1.0.0.tar.gz" in table and "linux-aarch64" in table
 
-        # Keys that are not the repository's: the endpoint refuses the signature (HTTP 403), names the problem.
+        # Keys that are not the repository's: refused, naming the problem (the endpoint would refuse too, HTTP 403).
         other_keys = tmp_path / "other-keys"
         assert run_cli("release", "init", "--keys", other_keys, "--state-dir", tmp_path / "scratch").returncode == 0
         result = run_cli("release", "bundle", copy_bundle(tmp_path / "v2", "2.0.0"), "--keys", other_keys,
                          "--state-dir", state)
-        assert result.returncode == 1 and "bad signature" in result.stderr and "HTTP 403" in result.stderr
+        # Refused before anything is uploaded: the endpoint's targets.json is not signed by these keys.
+        assert result.returncode == 1 and "not signed by the targets key" in result.stderr, result.stderr
         result = run_cli("release", "bundle", copy_bundle(tmp_path / "v3", "2.0.0"), "--keys", tmp_path / "none",
                          "--state-dir", state)
         assert result.returncode == 2 and "targets.key" in result.stderr
@@ -126,3 +132,22 @@ def test_release_init_keeps_keys_where_told(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
     finally:
         serve.stop()
+
+
+def test_release_refuses_to_sign_targets_it_did_not_sign() -> None:
+    """A compromised endpoint must not get entries of its own signed with the offline targets key: the release
+    command builds only on a targets document that carries a valid signature of that key."""
+    ours, theirs = CryptoSigner.generate_ed25519(), CryptoSigner.generate_ed25519()
+    md = Metadata(Targets(version=3, expires=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)))
+    md.sign(ours)
+    check_signed_by(md, ours)  # ours, unchanged: fine
+    slipped = Metadata.from_bytes(md.to_bytes())
+    slipped.signed.targets["hosts/linux-x86_64/6.6.6/pyagent-host"] = TargetFile.from_data(
+        "hosts/linux-x86_64/6.6.6/pyagent-host", b"evil")
+    with pytest.raises(CliError, match="not signed by the targets key"):
+        check_signed_by(slipped, ours)  # an entry added after our signature
+    other = Metadata.from_bytes(md.to_bytes())
+    other.signatures.clear()
+    other.sign(theirs)
+    with pytest.raises(CliError, match="no signature by this key"):
+        check_signed_by(other, ours)

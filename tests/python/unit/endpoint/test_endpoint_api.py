@@ -93,6 +93,25 @@ async def test_call(tmp_path: Path) -> None:
             assert status == 200 and body["error"]["code"] == -32003
 
 
+async def test_agent_update_is_not_a_plain_call(tmp_path: Path) -> None:
+    """Offers come from rollouts (admin; waves, gates, pins and opt-outs apply): a `call` cannot send one."""
+    offered: list[Any] = []
+
+    async def record(obj: str, method: str, params: dict[str, Any]) -> Any:
+        offered.append((obj, method, params))
+        return {"state": "offered"}
+
+    async with Endpoint(endpoint_config(tmp_path)) as ep:
+        async with await FakeAgent.connect("127.0.0.1", ep.listen_port, ep.paths.ca_cert, on_call=record) as agent:
+            await agent.hello(ep.state.agent_token, name="web-1")
+            status, _, body = await api(ep, "POST", "/api/v1/call", {
+                "target": "*", "method": "agent.update",
+                "params": {"kind": "bundle", "name": "hello", "version": "0.1", "target": "bundles/hello/0.1.tar.gz"}})
+            assert status == 403 and body["error"]["code"] == -32007, body
+            assert "rollout" in body["error"]["message"]
+            assert offered == []
+
+
 @pytest.mark.parametrize(("body", "needle"), [
     ([], "JSON object"),
     ({"method": "hello.greet"}, "'target'"),

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pyagent.protocol import INVALID_PARAMS, INVALID_REQUEST, NOT_ALLOWED, ProtocolError
+from pyagent.protocol import AGENT_BUSY, INVALID_PARAMS, INVALID_REQUEST, NOT_ALLOWED, ProtocolError
 from pyagent.runtime._bundle import load_bundles, resolve_bundle_paths
 from pyagent.runtime._config import load_config
 from pyagent.runtime._control import CONTROL_METHODS, EXIT_UPDATE, Controller
@@ -112,7 +112,7 @@ def test_staged_update_reports_every_state_then_exits_76(tmp_path: Path) -> None
         assert await updates.offer(OFFER) == {"state": "offered"}
         with pytest.raises(ProtocolError) as info:  # one at a time
             await updates.offer({**OFFER, "version": "1.3.0"})
-        assert info.value.code == INVALID_REQUEST
+        assert info.value.code == AGENT_BUSY
         assert info.value.message == "an update is already running (bundle hello 1.2.0)"
         await wait_for(lambda: exits != [])
         await updates.stop()
@@ -152,6 +152,29 @@ def test_failed_update_is_reported_and_the_next_offer_runs(tmp_path: Path) -> No
     failed = [e["data"] for e in outbox.pending() if e["data"]["state"] == "failed"]
     assert failed[0]["reason"] == "metadata_expired" and failed[0]["detail"] == "metadata_expired: timestamp expired"
     assert failed[1]["version"] == "2.0.0" and failed[1]["detail"] == "the updater exited with code 3: Traceback: boom"
+
+
+@pytest.mark.parametrize("pending", ["staged.json", "probation.json"])
+def test_offer_while_an_update_is_staged_or_in_probation_is_busy(tmp_path: Path, pending: str) -> None:
+    """A second swap now would end the first update's probation as a failure: the offer waits (agent_busy)."""
+    exe = fake_updater(tmp_path, "say(state='failed', reason='io_error', detail='must not run')\n")
+    updates, outbox, exits = make_updates(tmp_path, exe)
+    (tmp_path / "state" / "updates").mkdir(parents=True)
+    (tmp_path / "state" / "updates" / pending).write_text("{}")
+    with pytest.raises(ProtocolError) as info:
+        asyncio.run(updates.offer(OFFER))
+    assert info.value.code == AGENT_BUSY, info.value
+    assert ("staged" if pending == "staged.json" else "in probation") in info.value.message
+    assert states(outbox) == [] and exits == [] and updates.running is None
+
+
+def test_offer_of_the_running_version_is_committed_at_once(tmp_path: Path) -> None:
+    exe = fake_updater(tmp_path, "say(state='failed', reason='io_error', detail='must not run')\n")
+    updates, outbox, exits = make_updates(tmp_path, exe, installed={("bundle", "hello"): "1.2.0",
+                                                                    ("host", "pyagent-host"): "0.1.0"})
+    assert asyncio.run(updates.offer(OFFER)) == {"state": "committed"}
+    assert asyncio.run(updates.offer({**OFFER, "kind": "host", "version": "0.1.0"})) == {"state": "committed"}
+    assert states(outbox) == ["committed", "committed"] and exits == [] and updates.running is None
 
 
 def test_controller_routes_agent_update(tmp_path: Path) -> None:

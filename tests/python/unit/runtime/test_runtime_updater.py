@@ -6,15 +6,19 @@ tampered target, wrong signing key, expired metadata, rollback, mix-and-match, u
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import io
 import json
+import os
+import platform
 import shutil
 import ssl
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +45,7 @@ from pyagent.endpoint import _pki
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 UPDATE_TIMEOUT = 60
+MACHINE = f"{platform.system()}-{platform.machine()}".lower()  # the updater's platform check
 
 
 def host_binary() -> str:
@@ -191,12 +196,12 @@ class Env:
 
     def run(self, kind: str, name: str, version: str, target: str, *, rollout: str | None = None,
             env: dict[str, str] | None = None) -> tuple[int, list[dict[str, Any]], str]:
+        # What an earlier run staged has been taken by the supervisor (the updater refuses to stage over it).
+        (self.state / "updates" / "staged.json").unlink(missing_ok=True)
         cmd = [host_binary(), "update", "--config", str(self.config), "--kind", kind, "--name", name, "--version",
                version, "--target", target]
         if rollout:
             cmd += ["--rollout", rollout]
-        import os
-
         proc = subprocess.run(cmd, capture_output=True, timeout=UPDATE_TIMEOUT, stdin=subprocess.DEVNULL,
                               env={**os.environ, **(env or {})})
         lines = [json.loads(line) for line in proc.stdout.decode().splitlines()]
@@ -391,7 +396,7 @@ def test_host_is_staged_and_its_version_checked(env: Env) -> None:
     binary = Path(host_binary()).read_bytes()
     version = subprocess.run([host_binary(), "--version"], capture_output=True, text=True,
                              check=True).stdout.split()[1]
-    platform = "linux-x86_64"
+    platform = MACHINE
     path = f"hosts/{platform}/{version}/pyagent-host"
     env.repo.add(path, binary, {"kind": "host", "platform": platform, "version": version})
     wrong = f"hosts/{platform}/7.7.7/pyagent-host"
@@ -412,4 +417,61 @@ def test_host_is_staged_and_its_version_checked(env: Env) -> None:
 def test_bad_usage_exits_2() -> None:
     proc = subprocess.run([host_binary(), "update", "--kind", "bundle"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "required" in proc.stderr and proc.stdout == ""
+    for version in ("current", "1..2", ".1"):  # versions are directory names beside the `current` link
+        proc = subprocess.run([host_binary(), "update", "--config", "/nonexistent", "--kind", "bundle", "--name",
+                               "hello", "--version", version, "--target", "bundles/hello/x.tar.gz"],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and "bad version" in proc.stderr and proc.stdout == "", (version, proc.stderr)
+
+
+def test_host_for_another_platform_is_refused(env: Env) -> None:
+    binary = Path(host_binary()).read_bytes()
+    path = "hosts/linux-sparc64/9.9.9/pyagent-host"
+    env.repo.add(path, binary, {"kind": "host", "platform": "linux-sparc64", "version": "9.9.9"})
+    env.repo.publish()
+    code, lines, _ = env.run("host", "pyagent-host", "9.9.9", path)
+    assert code == 1 and lines[-1]["reason"] == "bad_target" and "linux-sparc64" in lines[-1]["detail"], lines
+    assert not (env.state / "host" / "9.9.9").exists()
+
+
+def test_one_update_at_a_time(env: Env) -> None:
+    path, _ = release_bundle(env)
+    updates = env.state / "updates"
+    updates.mkdir(parents=True, exist_ok=True)
+    (updates / "probation.json").write_text("{}")
+    code, lines, _ = env.run("bundle", "hello", "1.1.0", path)
+    assert code == 1 and lines[-1]["reason"] == "busy" and "probation" in lines[-1]["detail"], lines
+    (updates / "probation.json").unlink()
+    with open(updates / ".updater.lock", "a+b") as lock:  # another updater holds the lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        code, lines, _ = env.run("bundle", "hello", "1.1.0", path)
+    assert code == 1 and lines[-1]["reason"] == "busy" and "another update is running" in lines[-1]["detail"], lines
+    assert not (env.state / "bundles" / "hello" / "1.1.0").exists()
+
+
+def test_the_running_version_is_never_restaged(env: Env) -> None:
+    path, _ = release_bundle(env)
+    running = env.state / "bundles" / "hello" / "1.1.0"
+    running.mkdir(parents=True)
+    (running / "marker").write_text("the live copy")
+    (running.parent / "current").symlink_to("1.1.0")
+    code, lines, _ = env.run("bundle", "hello", "1.1.0", path)
+    assert code == 1 and lines[-1]["reason"] == "bad_target" and "running now" in lines[-1]["detail"], lines
+    assert (running / "marker").read_text() == "the live copy"
+
+
+def test_leftovers_of_killed_updaters_are_cleaned(env: Env) -> None:
+    path, _ = release_bundle(env)
+    downloads = env.state / "updates" / "downloads"
+    downloads.mkdir(parents=True)
+    old_part = downloads / ("0" * 64 + ".part")
+    old_part.write_bytes(b"x")
+    os.utime(old_part, (time.time() - 2 * 86400,) * 2)
+    fresh_part = downloads / ("1" * 64 + ".part")
+    fresh_part.write_bytes(b"y")
+    stale_tmp = env.state / "bundles" / "hello" / ".0.9.0.4242.tmp"
+    stale_tmp.mkdir(parents=True)
+    code, lines, err = env.run("bundle", "hello", "1.1.0", path)
+    assert code == 0, (lines, err)
+    assert not old_part.exists() and fresh_part.exists() and not stale_tmp.exists()
 
