@@ -43,6 +43,8 @@ def add_rollout_commands(commands: Any, client: argparse.ArgumentParser) -> None
     start.add_argument("--max-failure-rate", default="5%", metavar="R", help="halt above this (default: 5%%)")
     start.add_argument("--max-crash-rate", default=None, metavar="R",
                        help="halt above this many crash reports per ended member (default: the failure rate)")
+    start.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                       help="a member with no update report for this long has failed (default: 900, at most 7 days)")
     start.add_argument("--watch", action="store_true", help="show progress until it completes or halts")
     start.add_argument("--timeout", type=float, default=DEFAULT_WATCH_TIMEOUT, metavar="S",
                        help="with --watch: stop watching after S seconds (default: %(default)s)")
@@ -71,6 +73,8 @@ def start_body(args: argparse.Namespace) -> dict[str, Any]:
     body.update({"select": args.select, "waves": args.waves, "max_failure_rate": args.max_failure_rate})
     if args.max_crash_rate is not None:
         body["max_crash_rate"] = args.max_crash_rate
+    if args.stall_timeout is not None:
+        body["stall_timeout"] = args.stall_timeout
     return body
 
 
@@ -173,7 +177,8 @@ def render_status(r: dict[str, Any], *, bars: bool) -> str:
              + (f" ({r['reason']})" if r.get("reason") else "")
              + f", wave {r['wave']}/{len(r['waves'])}, {r['members']} agents",
              f"failure rate {r['failure_rate'] * 100:.3g}% (limit {r['max_failure_rate'] * 100:.3g}%), "
-             f"crash rate {r['crash_rate'] * 100:.3g}% (limit {r['max_crash_rate'] * 100:.3g}%)"]
+             f"crash rate {r['crash_rate'] * 100:.3g}% (limit {r['max_crash_rate'] * 100:.3g}%)"
+             + (f", stall timeout {r['stall_timeout']:g} s" if r.get("stall_timeout") is not None else "")]
     for w in r.get("wave_progress", []):
         extra = ", ".join(f"{w[k]} {k.replace('_', ' ')}" for k in ("failed", "in_progress", "waiting")
                           if w.get(k))

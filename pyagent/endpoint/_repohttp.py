@@ -4,13 +4,15 @@ A connection whose first bytes are an HTTP request line (`GET ` or `HEAD `) is h
 instead of to the NDJSON session. Only `GET|HEAD /tuf/metadata/<file>` and `GET|HEAD /tuf/targets/<path>` exist,
 with `Range: bytes=N-` (or `bytes=N-M`) answered 206 for resumed downloads. The agent must present a client
 certificate of an `active` agent (403 otherwise); a bad path is 400, anything unknown 404. Requests are bounded in
-size, the connection stays open between requests (keep-alive) and closes after an idle timeout.
+size, the connection stays open between requests (keep-alive) and closes after an idle timeout. File bodies are
+read in a worker thread, a chunk at a time (`_read_chunk`), so a slow disk never stalls the endpoint's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import urllib.parse
 from collections.abc import Callable
@@ -26,7 +28,7 @@ _log = logging.getLogger("pyagent.endpoint.repohttp")
 MAX_REQUEST_BYTES = 16 * 1024  # request line and headers
 IDLE_TIMEOUT = 30.0  # seconds without a request on a kept-alive connection
 _READ_SIZE = 64 * 1024
-_CHUNK = 256 * 1024
+_CHUNK = 1 << 20  # bytes read per worker-thread job and sent per h11 Data event
 _RANGE = re.compile(rb"bytes=(\d{1,15})-(\d{0,15})\Z")
 
 StatusLookup = Callable[[str], "str | None"]
@@ -97,6 +99,22 @@ def route(repo: TufRepo | None, method: bytes, target: bytes, range_header: byte
     return _text(404, f"not found: {path}")
 
 
+def _read_chunk(fd: int, size: int, offset: int) -> bytes:
+    """One chunk of a file body; called in a worker thread (asyncio.to_thread), never on the loop."""
+    return os.pread(fd, size, offset)
+
+
+async def _open(path: Path) -> int:
+    """`path` opened read-only in a worker thread; a cancelled open still closes the descriptor it made."""
+    opening = asyncio.ensure_future(asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(
+            lambda t: None if t.cancelled() or t.exception() is not None else os.close(t.result()))
+        raise
+
+
 async def _send(writer: asyncio.StreamWriter, conn: h11.Connection, event: h11.Event) -> None:
     data = conn.send(event)
     if data:
@@ -113,15 +131,18 @@ async def _respond(writer: asyncio.StreamWriter, conn: h11.Connection, reply: _R
             if reply.body:
                 await _send(writer, conn, h11.Data(data=reply.body))
         else:
-            left = reply.length
-            with open(reply.file, "rb") as f:
-                f.seek(reply.start)
+            offset, left = reply.start, reply.length
+            fd = await _open(reply.file)
+            try:
                 while left > 0:
-                    chunk = f.read(min(_CHUNK, left))
+                    chunk = await asyncio.to_thread(_read_chunk, fd, min(_CHUNK, left), offset)
                     if not chunk:  # the file shrank under us: h11 refuses a short body, the connection ends
                         break
+                    offset += len(chunk)
                     left -= len(chunk)
                     await _send(writer, conn, h11.Data(data=chunk))
+            finally:
+                os.close(fd)
     await _send(writer, conn, h11.EndOfMessage())
 
 

@@ -3,7 +3,8 @@
 One `RolloutManager` per endpoint. Everything is in the registry's SQLite database (tables `rollouts` and
 `rollout_members`, plus `_updates.py`'s); the engine is one task that evaluates the rollouts whose members changed
 (event-driven: `update.state` events, offer results, agents connecting) and every rollout once per TICK seconds (for
-crash reports, which arrive without a state change). Offers are tasks of their own, at most OFFER_CONCURRENCY at a
+crash reports, which arrive without a state change, and for members stalled in progress: no report for the rollout's
+`stall_timeout_s`, default 900 s, ends them as `failed` with a detail starting "stalled: "). Offers are tasks of their own, at most OFFER_CONCURRENCY at a
 time; `aclose()` cancels and awaits all of them.
 
 Member states: `pending` (its wave is not reached yet), `waiting` (reached, agent offline), the agent's reported
@@ -56,7 +57,8 @@ CREATE TABLE IF NOT EXISTS rollouts (
     wave             INTEGER NOT NULL DEFAULT 0,
     gate_since_ms    INTEGER NOT NULL,       -- the gate counts what ended after this (start, or the last resume)
     created_ms       INTEGER NOT NULL,
-    updated_ms       INTEGER NOT NULL
+    updated_ms       INTEGER NOT NULL,
+    stall_timeout_s  REAL NOT NULL DEFAULT 900  -- a member in progress without a report this long has failed
 );
 CREATE TABLE IF NOT EXISTS rollout_members (
     rollout_id  TEXT NOT NULL,
@@ -74,6 +76,9 @@ CREATE INDEX IF NOT EXISTS rollout_members_agent ON rollout_members(agent_id);
 
 DEFAULT_WAVES = "1%,10%,50%,100%"
 DEFAULT_MAX_FAILURE_RATE = 0.05
+DEFAULT_STALL_TIMEOUT = 900.0
+MAX_STALL_TIMEOUT = 7 * 86400.0
+STALLED = "stalled: "  # the detail of a member failed for want of reports; a late report from it still counts
 MAX_WAVES = 20
 TICK = 1.0
 OFFER_TIMEOUT = 30.0
@@ -84,7 +89,8 @@ ENDED = frozenset({"committed", "failed", "rolled_back", "refused", "skipped"})
 NOT_OFFERED = frozenset({"pending", "waiting"})
 FAILED = frozenset({"failed", "rolled_back"})
 CRASH_KINDS = ("crash",)
-START_FIELDS = frozenset({"kind", "name", "version", "select", "waves", "max_failure_rate", "max_crash_rate"})
+START_FIELDS = frozenset({"kind", "name", "version", "select", "waves", "max_failure_rate", "max_crash_rate",
+                          "stall_timeout"})
 _PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 _NUMBER_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*$")
 
@@ -148,6 +154,16 @@ def parse_waves(value: Any) -> list[float]:
     if waves[-1] != 1.0:
         raise _bad(f"the last wave must be 100%, got {items[-1].strip()!r}")
     return waves
+
+
+def parse_stall_timeout(value: Any) -> float:
+    """Seconds without a report after which a member in progress has failed: a number above 0 and at most 7 days.
+    RolloutError (400) otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= MAX_STALL_TIMEOUT:
+        raise _bad(f"'stall_timeout' must be a number of seconds above 0 and at most {MAX_STALL_TIMEOUT:g} (7 days), "
+                   f"got {value!r}")
+    return float(value)
 
 
 def format_percent(rate: float) -> str:
@@ -221,15 +237,23 @@ class _Rollout:
     gate_since_ms: int
     created_ms: int
     updated_ms: int
+    stall_timeout_s: float
 
 
 _ROLLOUT_COLUMNS = ("id, kind, name, version, selector, waves, max_failure_rate, max_crash_rate, state, reason, wave,"
-                    " gate_since_ms, created_ms, updated_ms")
+                    " gate_since_ms, created_ms, updated_ms, stall_timeout_s")
 
 
 def _rollout(row: tuple[Any, ...]) -> _Rollout:
     return _Rollout(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8], row[9],
-                    row[10], row[11], row[12], row[13])
+                    row[10], row[11], row[12], row[13], float(row[14]))
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Columns added after the first release of the tables (CREATE TABLE IF NOT EXISTS keeps an old table)."""
+    columns = {str(row[1]) for row in db.execute("PRAGMA table_info(rollouts)")}
+    if "stall_timeout_s" not in columns:
+        db.execute(f"ALTER TABLE rollouts ADD COLUMN stall_timeout_s REAL NOT NULL DEFAULT {DEFAULT_STALL_TIMEOUT:g}")
 
 
 class RolloutManager:
@@ -240,6 +264,7 @@ class RolloutManager:
         self._backend = backend
         self._db = db
         self._db.executescript(ROLLOUTS_SCHEMA)
+        _migrate(self._db)
         self.updates = updates
         self.crashes = crashes  # CrashStore (count_since) or None
         # Anything with find_target(kind, name, version, platform) -> str | None; None: the backend's `repo`.
@@ -279,6 +304,10 @@ class RolloutManager:
                 ticked = True
             self._wake.clear()
             if ticked:
+                try:
+                    self._dirty.update(self.expire_stalled())
+                except Exception as exc:  # as below: logged, the next tick tries again
+                    _log.exception("rollout.stall_check_failed error=%s", exc)
                 ids = [r[0] for r in self._db.execute(
                     "SELECT id FROM rollouts WHERE state IN ('running', 'completed')").fetchall()]
                 self._dirty.update(ids)
@@ -380,6 +409,7 @@ class RolloutManager:
             "id": rollout.id, "kind": rollout.kind, "name": rollout.name, "version": rollout.version,
             "select": rollout.selector, "waves": [format_percent(w) for w in rollout.waves],
             "max_failure_rate": rollout.max_failure_rate, "max_crash_rate": rollout.max_crash_rate,
+            "stall_timeout": rollout.stall_timeout_s,
             "state": rollout.state, "reason": rollout.reason, "wave": rollout.wave + 1,
             "created_ms": rollout.created_ms, "updated_ms": rollout.updated_ms, "members": len(members),
             "counts": dict(sorted(counts.items())), "wave_progress": waves, **gate}
@@ -412,7 +442,7 @@ class RolloutManager:
 
     def create(self, spec: Any) -> dict[str, Any]:
         """Start a rollout from the API body `{"kind", "name", "version", "select", "waves", "max_failure_rate",
-        "max_crash_rate"}`; RolloutError names what is wrong."""
+        "max_crash_rate", "stall_timeout"}`; RolloutError names what is wrong."""
         if not isinstance(spec, dict):
             raise _bad("the request body must be a JSON object")
         unknown = sorted(set(spec) - START_FIELDS)
@@ -441,6 +471,8 @@ class RolloutManager:
         max_failure = parse_rate(spec.get("max_failure_rate", DEFAULT_MAX_FAILURE_RATE), "max_failure_rate")
         max_crash = parse_rate(spec["max_crash_rate"], "max_crash_rate") \
             if spec.get("max_crash_rate") is not None else max_failure
+        stall_timeout = parse_stall_timeout(spec["stall_timeout"]) \
+            if spec.get("stall_timeout") is not None else DEFAULT_STALL_TIMEOUT
         views = [v for v in selector.select(views_from_db(self._db)) if v.status == "active"]
         if not views:
             raise _bad(f"no active agent matches the selector {select!r}")
@@ -469,8 +501,10 @@ class RolloutManager:
                 self._db.execute("UPDATE rollouts SET state = 'superseded', reason = ?, updated_ms = ? WHERE id = ?",
                                  (f"superseded by {rollout_id} ({name} {version})", now, old))
             self._db.execute(
-                f"INSERT INTO rollouts ({_ROLLOUT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', '', 0, ?, ?, ?)",
-                (rollout_id, kind, name, version, select, json.dumps(waves), max_failure, max_crash, now, now, now))
+                f"INSERT INTO rollouts ({_ROLLOUT_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', '', 0, ?, ?, ?, ?)",
+                (rollout_id, kind, name, version, select, json.dumps(waves), max_failure, max_crash, now, now, now,
+                 stall_timeout))
             for view in views:
                 policy = policies.get(view.agent_id)
                 if policy is not None and policy.excludes(kind, name, version):
@@ -480,7 +514,7 @@ class RolloutManager:
             log_event(_log, logging.INFO, "rollout.superseded", rollout=old, by=rollout_id)
         log_event(_log, logging.INFO, "rollout.started", rollout=rollout_id, kind=kind, name=name, version=version,
                   select=select, waves=",".join(format_percent(w) for w in waves), max_failure_rate=max_failure,
-                  max_crash_rate=max_crash, members=len(views))
+                  max_crash_rate=max_crash, stall_timeout=stall_timeout, members=len(views))
         self.evaluate(rollout_id)
         return self.describe(rollout_id)
 
@@ -518,6 +552,27 @@ class RolloutManager:
         return self.describe(rollout.id)
 
     # -- the engine ----------------------------------------------------------------------------------------------
+
+    def expire_stalled(self) -> set[str]:
+        """Members in progress (`offered` … `probation`) without a report for their rollout's stall timeout end as
+        `failed` (so the gate counts them and they stop holding their wave); returns the rollouts changed. Runs on
+        the engine's tick, for halted rollouts too (what the operator sees before a resume)."""
+        marks = ",".join("?" * len(IN_PROGRESS))
+        rows = self._db.execute(
+            "SELECT m.rollout_id, m.agent_id, m.state, r.kind, r.name, r.version, r.stall_timeout_s"
+            " FROM rollout_members m JOIN rollouts r ON r.id = m.rollout_id"
+            " WHERE r.state IN ('running', 'completed', 'halted')"
+            f" AND m.state IN ({marks}) AND m.updated_ms < ? - r.stall_timeout_s * 1000",
+            (*sorted(IN_PROGRESS), now_ms())).fetchall()
+        changed = set()
+        for rollout_id, agent_id, state, kind, name, version, timeout in rows:
+            detail = f"{STALLED}no update report for {timeout:g} s"
+            self._set_member(rollout_id, agent_id, "failed", detail)
+            self.updates.record(agent_id, kind, name, version, "failed", detail, rollout_id)
+            log_event(_log, logging.WARNING, "rollout.member_stalled", rollout=rollout_id, agent=agent_id,
+                      state=state, stall_timeout=timeout)
+            changed.add(str(rollout_id))
+        return changed
 
     def evaluate(self, rollout_id: str) -> None:
         """Check the gate, offer to the reached members that are connected, advance waves, complete."""
@@ -647,9 +702,13 @@ class RolloutManager:
         if report.rollout is None:
             return
         row = self._db.execute(
-            "SELECT m.state, r.kind, r.name, r.version FROM rollout_members m JOIN rollouts r ON r.id = m.rollout_id"
-            " WHERE m.rollout_id = ? AND m.agent_id = ?", (report.rollout, view.agent_id)).fetchone()
-        if row is None or row[0] in ENDED or (row[1], row[2], row[3]) != (report.kind, report.name, report.version):
+            "SELECT m.state, r.kind, r.name, r.version, m.detail FROM rollout_members m"
+            " JOIN rollouts r ON r.id = m.rollout_id WHERE m.rollout_id = ? AND m.agent_id = ?",
+            (report.rollout, view.agent_id)).fetchone()
+        if row is None or (row[1], row[2], row[3]) != (report.kind, report.name, report.version):
+            return
+        # An end is final, except `failed` for a stall: the agent was alive after all, and its report is the truth.
+        if row[0] in ENDED and not (row[0] == "failed" and str(row[4]).startswith(STALLED)):
             return
         self._set_member(report.rollout, view.agent_id, report.state, report.detail,
                          offered=report.state == "offered" and row[0] in NOT_OFFERED)
@@ -713,5 +772,6 @@ def _views_of(db: sqlite3.Connection, agent_ids: Iterable[str]) -> list[AgentVie
     return out
 
 
-__all__ = ["DEFAULT_MAX_FAILURE_RATE", "DEFAULT_WAVES", "RolloutError", "RolloutManager", "agent_platform",
-           "current_version", "format_percent", "member_key", "parse_rate", "parse_waves", "wave_size"]
+__all__ = ["DEFAULT_MAX_FAILURE_RATE", "DEFAULT_STALL_TIMEOUT", "DEFAULT_WAVES", "RolloutError", "RolloutManager",
+           "agent_platform", "current_version", "format_percent", "member_key", "parse_rate", "parse_stall_timeout",
+           "parse_waves", "wave_size"]

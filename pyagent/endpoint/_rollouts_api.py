@@ -1,7 +1,7 @@
 """Operator API routes of rollouts and per-agent updates (docs/updates.md §4), mounted by `_api.create_app`.
 
     POST /api/v1/rollouts                 {"kind", "name", "version", "select", "waves", "max_failure_rate",
-                                           "max_crash_rate"} → 201 the rollout            (admin)
+                                           "max_crash_rate", "stall_timeout"} → 201       (admin)
     GET  /api/v1/rollouts                 {"rollouts": [...]}, newest first               (read)
     GET  /api/v1/rollouts/{id}            the rollout with its agents (id or unique prefix) (read)
     POST /api/v1/rollouts/{id}/halt|resume                                                (admin)

@@ -9,12 +9,18 @@
 Every write is atomic and in the order target files -> N.targets.json -> N.snapshot.json -> timestamp.json, so an
 agent never sees metadata that names a file not there yet. Nothing here signs or hashes by hand: python-tuf and
 securesystemslib do all of it.
+
+Housekeeping (`housekeep`, run by every `refresh`, i.e. on the endpoint's refresh tick): uploads never published are
+removed after UPLOAD_MAX_AGE_S; target files the current targets metadata no longer lists are removed once the
+snapshot lifetime has passed since they stopped being listed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
+import time
 import re
 import threading
 import urllib.parse
@@ -38,6 +44,9 @@ from tuf.api.serialization import DeserializationError
 
 from pyagent._files import write_atomic
 from pyagent.endpoint._errors import EndpointError
+from pyagent.endpoint._log import log_event
+
+_log = logging.getLogger("pyagent.endpoint.tuf")
 
 ROOT_EXPIRY_S = 365 * 86400
 DEFAULT_TIMESTAMP_EXPIRY_S = 86400
@@ -46,6 +55,8 @@ DEFAULT_TARGETS_EXPIRY_S = 90 * 86400
 MAX_TARGET_PATH = 200
 # Old snapshot versions kept for agents that read a timestamp just before a refresh.
 KEEP_SNAPSHOTS = 3
+# An upload that no targets version listed within this time is abandoned (the release command publishes at once).
+UPLOAD_MAX_AGE_S = 86400
 _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\Z")
 _METADATA_NAME = re.compile(r"(?:[0-9]+\.)?(?:root|targets|snapshot|timestamp)\.json\Z")
 
@@ -342,7 +353,66 @@ class TufRepo:
             elif self.timestamp.signed.expires - now < half_timestamp:
                 self._write_timestamp()
                 done = ["timestamp"]
+        self.housekeep()
         return done
+
+    def housekeep(self, now: float | None = None) -> dict[str, list[str]]:
+        """Remove abandoned uploads and target files no longer needed; returns what was removed, by kind
+        ("uploads": names in uploads/, "targets": paths under targets/). A file that cannot be removed is logged and
+        tried again next time."""
+        now = time.time() if now is None else now
+        removed: dict[str, list[str]] = {"uploads": [], "targets": []}
+        with self._lock:  # not while a publish moves uploads into targets/
+            if self.uploads_dir.is_dir():
+                for entry in sorted(self.uploads_dir.iterdir()):
+                    if _older(entry, now - UPLOAD_MAX_AGE_S) and _remove(entry):
+                        removed["uploads"].append(entry.name)
+            # A target file stays while an agent may still hold a snapshot naming a targets version that lists it:
+            # such a snapshot was signed before the current targets version was published (every snapshot since
+            # names the current one), so it expires at most snapshot_s after that. Until then an agent that read
+            # the previous snapshot, or resumes a download it began under it, still needs the file.
+            current = self.metadata_dir / f"{self.targets.signed.version}.targets.json"
+            cutoff = now - self.expiry.snapshot_s
+            if self.targets_dir.is_dir() and _older(current, cutoff):
+                listed = set()
+                for path, target in self.targets.signed.targets.items():
+                    dirname, sep, basename = path.rpartition("/")
+                    listed.add(f"{dirname}{sep}{target.hashes.get('sha256')}.{basename}")
+                for entry in sorted(self.targets_dir.rglob("*")):
+                    rel = entry.relative_to(self.targets_dir).as_posix()
+                    if entry.is_file() and not entry.is_symlink() and rel not in listed \
+                            and _older(entry, cutoff) and _remove(entry):
+                        removed["targets"].append(rel)
+                for folder in sorted((p for p in self.targets_dir.rglob("*") if p.is_dir()), reverse=True):
+                    try:
+                        folder.rmdir()  # only when empty
+                    except OSError:
+                        pass
+        for kind, names in removed.items():
+            for name in names:
+                log_event(_log, logging.INFO, "tuf.removed", kind=kind, path=name)
+        return removed
+
+
+def _older(path: Path, cutoff: float) -> bool:
+    """Whether `path` was last modified before `cutoff` (False when it is gone)."""
+    try:
+        return path.lstat().st_mtime < cutoff
+    except OSError:
+        return False
+
+
+def _remove(path: Path) -> bool:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            return False  # uploads/ is flat; a directory there is not ours
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log_event(_log, logging.WARNING, "tuf.remove_failed", path=str(path), reason=str(exc))
+        return False
 
 
 def open_or_create(root_dir: Path, keys_dir: Path, expiry: Expiry | None = None) -> tuple[TufRepo, list[Path]]:

@@ -34,6 +34,8 @@ def test_bundle_spec_and_start_body() -> None:
     args = build_parser().parse_args(["rollout", "start", "--host", "0.2.0"])
     assert start_body(args) == {"kind": "host", "name": "pyagent-host", "version": "0.2.0", "select": "*",
                                 "waves": "1%,10%,50%,100%", "max_failure_rate": "5%"}
+    args = build_parser().parse_args(["rollout", "start", "--host", "0.2.0", "--stall-timeout", "120"])
+    assert start_body(args)["stall_timeout"] == 120.0
     with pytest.raises(SystemExit):  # one of --bundle / --host, not both
         build_parser().parse_args(["rollout", "start", "--host", "1", "--bundle", "a==1"])
     assert isinstance(build_parser().parse_args(["updates", "unpin", "web-1", "--host"]), argparse.Namespace)
@@ -63,6 +65,8 @@ def test_render_status_with_and_without_bars() -> None:
                         "limit 5%), wave 1/2, 10 agents")
     assert plain[1] == "failure rate 40% (limit 5%), crash rate 0% (limit 5%)"
     assert plain[2:] == ["wave 1 (50%): 5/5 ended, 2 failed", "wave 2 (100%): 0/5 ended, 1 waiting"]
+    assert render_status({**ROLLOUT, "stall_timeout": 900.0}, bars=False).splitlines()[1] == (
+        "failure rate 40% (limit 5%), crash rate 0% (limit 5%), stall timeout 900 s")
     bars = render_status(ROLLOUT, bars=True).splitlines()
     assert bars[2] == f"{'wave 1 (50%)':<16} {progress_bar(5, 5)}  2 failed"
     assert bars[3].endswith("[..............................] 0/5  1 waiting")
@@ -120,6 +124,7 @@ async def test_rollout_and_updates_commands(tmp_path: Path) -> None:
         res = await cli(ep, "rollout", "status", "--json", rollout_id)
         body = json.loads(res.stdout)
         assert body["state"] == "completed" and body["counts"] == {"committed": 2}
+        assert body["stall_timeout"] == 900
         res = await cli(ep, "rollout", "status")
         assert res.returncode == 0 and rollout_id in res.stdout and "2/2" in res.stdout
         res = await cli(ep, "rollout", "halt", rollout_id[:5])
@@ -137,6 +142,8 @@ async def test_rollout_and_updates_commands(tmp_path: Path) -> None:
         assert res.returncode == 0 and "takes updates" in res.stdout
         res = await cli(ep, "rollout", "start", "--bundle", "hello==2.0.0", "--waves", "50%,20%")
         assert res.returncode == 2 and "wave 2 '20%' is not larger" in res.stderr
+        res = await cli(ep, "rollout", "start", "--bundle", "hello==2.0.0", "--stall-timeout", "0")
+        assert res.returncode == 2 and "'stall_timeout' must be a number of seconds above 0" in res.stderr
         res = await cli(ep, "rollout", "start", "--bundle", "hello==9.0.0")
         assert res.returncode == 1 and "pyagent release bundle PATH" in res.stderr
         res = await cli(ep, "rollout", "status", "ro-nothing")

@@ -71,6 +71,7 @@ FAIL = ("downloading", "failed")
 ROLL_BACK = ("downloading", "verifying", "staged", "restarting", "probation", "rolled_back")
 HANG = ("downloading", "probation")  # never ends
 REFUSE = "refuse"
+SILENT = "silent"  # accepts the offer, then never reports anything
 
 OFFERS: list[tuple[float, str]] = []  # (time, agent_id) of every offer any scripted agent received
 
@@ -117,6 +118,8 @@ class ScriptedAgent:
                     await self.report(params, "refused", "upgrades = false")
                     continue
                 await self.agent.send(response(msg["id"], {"state": "offered"}))
+                if self.script == SILENT:
+                    continue
                 task = asyncio.get_running_loop().create_task(self._progress(params))
                 self._reports.add(task)
                 task.add_done_callback(self._reports.discard)

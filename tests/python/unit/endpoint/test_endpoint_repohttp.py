@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import ssl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import urllib3
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -186,3 +189,45 @@ async def test_bad_http_requests_get_clear_errors(tmp_path: Path) -> None:
         assert (await raw(b"GET /tuf/metadata/root.json HTTP/9\r\n\r\n")).startswith(b"HTTP/1.1 400")
         head: Any = await raw(b"HEAD /tuf/metadata/root.json HTTP/1.1\r\nHost: x\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
+
+
+async def test_file_bodies_are_read_off_the_event_loop_in_chunks(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyagent.endpoint import _repohttp
+
+    reads: list[tuple[int, int, int]] = []  # (thread id, size, offset) of every read
+    real = _repohttp._read_chunk
+
+    def recording(fd: int, size: int, offset: int) -> bytes:
+        reads.append((threading.get_ident(), size, offset))
+        return real(fd, size, offset)
+
+    monkeypatch.setattr(_repohttp, "_read_chunk", recording)
+    async with Endpoint(endpoint_config(tmp_path / "state", allow_shared_token=False)) as ep:
+        _, cert, key = await enroll(ep, tmp_path)
+        data = os.urandom(_repohttp._CHUNK * 2 + 12345)
+        big = ep.repo.targets_dir / "hosts" / "big.bin"
+        big.parent.mkdir(parents=True)
+        big.write_bytes(data)
+        conn = https(ep, cert, key)
+        try:  # one kept-alive connection: whole file, a range over a chunk boundary, HEAD, whole file again
+            status, _, body = await asyncio.to_thread(get, conn, "/tuf/targets/hosts/big.bin")
+            assert status == 200 and body == data
+            start = _repohttp._CHUNK - 10
+            status, headers, body = await asyncio.to_thread(get, conn, "/tuf/targets/hosts/big.bin", "GET",
+                                                            {"Range": f"bytes={start}-{start + 99}"})
+            assert status == 206 and body == data[start:start + 100]
+            assert headers["content-range"] == f"bytes {start}-{start + 99}/{len(data)}"
+            before = len(reads)
+            status, headers, body = await asyncio.to_thread(get, conn, "/tuf/targets/hosts/big.bin", "HEAD")
+            assert status == 200 and body == b"" and headers["content-length"] == str(len(data))
+            assert len(reads) == before  # HEAD reads nothing
+            status, _, body = await asyncio.to_thread(get, conn, "/tuf/targets/hosts/big.bin")
+            assert status == 200 and body == data
+        finally:
+            conn.close()
+    loop_thread = threading.get_ident()  # this test runs on the endpoint's loop thread
+    assert reads and all(thread != loop_thread for thread, _, _ in reads)
+    assert [(size, offset) for _, size, offset in reads[:4]] == [
+        (_repohttp._CHUNK, 0), (_repohttp._CHUNK, _repohttp._CHUNK), (12345, 2 * _repohttp._CHUNK),
+        (100, start)]

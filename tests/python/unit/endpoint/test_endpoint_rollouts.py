@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from rolloutagents import (
     OFFERS,
     REFUSE,
     ROLL_BACK,
+    SILENT,
     FakeRepo,
     ScriptedAgent,
     api,
@@ -27,7 +29,17 @@ from rolloutagents import (
 )
 
 from pyagent.endpoint import Endpoint
-from pyagent.endpoint._rollouts import RolloutError, format_percent, member_key, parse_rate, parse_waves, wave_size
+from pyagent.endpoint._rollouts import (
+    RolloutError,
+    RolloutManager,
+    format_percent,
+    member_key,
+    parse_rate,
+    parse_stall_timeout,
+    parse_waves,
+    wave_size,
+)
+from pyagent.endpoint._updates import UpdateStore
 
 REPO = FakeRepo(("bundle", "hello", "2.0.0", None), ("bundle", "hello", "3.0.0", None),
                 ("host", "pyagent-host", "0.2.0", "linux-x86_64"))
@@ -77,6 +89,33 @@ def test_waves_and_rates_parse_strictly() -> None:
             parse_rate(bad, "r")
     assert [wave_size(w, 10) for w in (0.01, 0.1, 0.5, 1.0)] == [1, 1, 5, 10]
     assert wave_size(0.3, 10) == 3 and wave_size(0.5, 0) == 0 and format_percent(0.005) == "0.5%"
+    assert parse_stall_timeout(1) == 1.0 and parse_stall_timeout(7 * 86400) == 604800.0
+    for bad in (0, -5, 604801, "60", True, None, float("inf"), float("nan")):
+        with pytest.raises(RolloutError, match="'stall_timeout' must be a number of seconds") as info:
+            parse_stall_timeout(bad)
+        assert info.value.status == 400
+
+
+_OLD_ROLLOUTS = """CREATE TABLE rollouts (id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL,
+    version TEXT NOT NULL, selector TEXT NOT NULL, waves TEXT NOT NULL, max_failure_rate REAL NOT NULL,
+    max_crash_rate REAL NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+    wave INTEGER NOT NULL DEFAULT 0, gate_since_ms INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL)"""
+
+
+def test_a_database_from_before_stall_timeouts_opens_with_the_default(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "endpoint.db", isolation_level=None)
+    try:
+        db.execute(_OLD_ROLLOUTS)
+        db.execute("INSERT INTO rollouts VALUES ('ro-old', 'bundle', 'hello', '2.0.0', '*', '[1.0]', 0.05, 0.05,"
+                   " 'completed', '', 0, 1, 1, 1)")
+        manager = RolloutManager(None, db, UpdateStore(db))  # type: ignore[arg-type]
+        assert manager.describe("ro-old")["stall_timeout"] == 900
+        RolloutManager(None, db, UpdateStore(db))  # type: ignore[arg-type]  # a second open: nothing to add
+        columns = [r[1] for r in db.execute("PRAGMA table_info(rollouts)")]
+        assert columns.count("stall_timeout_s") == 1
+    finally:
+        db.close()
 
 
 # -- waves ----------------------------------------------------------------------------------------------------------
@@ -206,6 +245,49 @@ async def test_crash_reports_halt_the_rollout(tmp_path: Path) -> None:
         await ep.aclose()
 
 
+# -- stalled members -----------------------------------------------------------------------------------------------
+
+async def test_a_member_without_reports_stalls_fails_and_its_wave_advances(tmp_path: Path) -> None:
+    ep = await started(tmp_path)
+    agents = [await ScriptedAgent.start(ep, f"agent-{i:02d}", COMMIT) for i in range(2)]
+    try:
+        r = ep.rollouts.create({"kind": "bundle", "name": "hello", "version": "2.0.0", "waves": "50%,100%",
+                                "max_failure_rate": "100%", "stall_timeout": 1})
+        assert r["stall_timeout"] == 1.0
+        order = [a["agent_id"] for a in ep.rollouts.describe(r["id"], agents=True)["agents"]]
+        silent = next(a for a in agents if a.agent_id == order[0])
+        silent.script = SILENT  # wave 1: accepts the offer, then never reports
+        done = await wait_state(ep, r["id"], "completed")
+        assert done["counts"] == {"committed": 1, "failed": 1} and done["failure_rate"] == 0.5
+        states = {a["agent_id"]: (a["state"], a["detail"]) for a in done["agents"]}
+        assert states[order[0]] == ("failed", "stalled: no update report for 1 s")
+        assert len(silent.offers) == 1
+        status, updates = await api(ep, "GET", f"/api/v1/updates?agent={order[0]}")
+        assert status == 200 and updates["updates"][0]["state"] == "failed"
+        # A late report is the truth: the member commits after all.
+        await silent.report(silent.offers[0], "committed")
+        after = await wait_until(lambda: (x := ep.rollouts.describe(r["id"]))["counts"] == {"committed": 2} and x,
+                                 what="the late report to count")
+        assert after["failure_rate"] == 0 and after["state"] == "completed"
+    finally:
+        await close_all(agents)
+        await ep.aclose()
+
+
+async def test_a_stalled_member_counts_in_the_gate(tmp_path: Path) -> None:
+    ep = await started(tmp_path)
+    agents = [await ScriptedAgent.start(ep, f"agent-{i:02d}", SILENT) for i in range(2)]
+    try:
+        r = await start_rollout(ep, waves="50%,100%", stall_timeout=0.5)
+        halted = await wait_state(ep, r["id"], "halted", timeout=5)
+        assert "failure rate 100% (1 of 1 ended)" in halted["reason"]
+        assert halted["counts"] == {"failed": 1, "pending": 1}
+        assert sum(len(a.offers) for a in agents) == 1  # wave 2 was never offered
+    finally:
+        await close_all(agents)
+        await ep.aclose()
+
+
 # -- offline agents, halt/resume, policy ---------------------------------------------------------------------------
 
 async def test_offline_agent_gets_the_offer_when_it_connects_after_completion(tmp_path: Path) -> None:
@@ -329,6 +411,9 @@ async def test_host_rollout_targets_the_agent_platform(tmp_path: Path) -> None:
     ({"name": "../x"}, 400, "bad bundle name"),
     ({"version": ""}, 400, "bad version"),
     ({"color": "red"}, 400, "unknown field 'color'"),
+    ({"stall_timeout": 0}, 400, "'stall_timeout' must be a number of seconds above 0 and at most 604800"),
+    ({"stall_timeout": 8 * 86400}, 400, "at most 604800 (7 days), got 691200"),
+    ({"stall_timeout": "1h"}, 400, "'stall_timeout' must be a number of seconds"),
     ({"version": "9.9.9"}, 409, "`pyagent release bundle PATH`"),
 ])
 async def test_bad_rollout_requests_are_refused_clearly(tmp_path: Path, body: dict[str, Any], status: int,
@@ -345,15 +430,17 @@ async def test_bad_rollout_requests_are_refused_clearly(tmp_path: Path, body: di
         await ep.aclose()
 
 
-async def test_no_repository_and_unknown_rollouts(tmp_path: Path) -> None:
+async def test_unreleased_versions_and_unknown_rollouts(tmp_path: Path) -> None:
     ep = Endpoint(endpoint_config(tmp_path))
-    await ep.start()
+    await ep.start()  # the endpoint's own (empty) TUF repository, not the fake one
     agents = [await ScriptedAgent.start(ep, "agent-00", COMMIT)]
     try:
-        if getattr(ep, "repo", None) is None:
-            status, reply = await api(ep, "POST", "/api/v1/rollouts", {"kind": "bundle", "name": "hello",
-                                                                       "version": "2.0.0"})
-            assert status == 409 and "no update repository" in reply["error"]["message"]
+        status, reply = await api(ep, "POST", "/api/v1/rollouts", {"kind": "bundle", "name": "hello",
+                                                                   "version": "2.0.0"})
+        assert status == 409 and "bundle hello 2.0.0 is not released" in reply["error"]["message"]
+        status, reply = await api(ep, "POST", "/api/v1/rollouts", {"kind": "host", "version": "0.2.0"})
+        assert status == 409 and "host 0.2.0 is not released for linux-x86_64" in reply["error"]["message"]
+        assert (await api(ep, "GET", "/api/v1/rollouts"))[1] == {"rollouts": []}
         for method, path in (("GET", "/api/v1/rollouts/ro-nope"), ("POST", "/api/v1/rollouts/ro-nope/halt")):
             status, reply = await api(ep, method, path)
             assert status == 404 and "no rollout 'ro-nope'" in reply["error"]["message"]

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import stat
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from fakeagent import endpoint_config
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
 from pyagent.endpoint import Endpoint
-from pyagent.endpoint._tufrepo import Expiry, RepoError, TufRepo, ensure_signer, load_signer
+from pyagent.endpoint._tufrepo import UPLOAD_MAX_AGE_S, Expiry, RepoError, TufRepo, ensure_signer, load_signer
 
 
 def next_targets(repo: TufRepo, keys: Path, files: dict[str, bytes], key_file: str = "targets.key",
@@ -189,3 +190,57 @@ def test_bad_expiry_config_is_named(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="tuf_timestamp_expiry_s"):
         endpoint_config(tmp_path, tuf_timestamp_expiry_s=0)
+
+
+def _age(path: Path, seconds: float) -> None:
+    when = time.time() - seconds
+    os.utime(path, (when, when))
+
+
+def test_housekeeping_removes_abandoned_uploads_after_a_day(made: tuple[TufRepo, Path]) -> None:
+    repo, _ = made
+    upload(repo, "bundles/old/1.0.tar.gz", b"never published")
+    upload(repo, "bundles/new/1.0.tar.gz", b"about to be published")
+    stale_part = repo.uploads_dir / ".x.1.2.part"  # a write that died half-way
+    stale_part.write_bytes(b"half")
+    _age(repo.upload_path("bundles/old/1.0.tar.gz"), UPLOAD_MAX_AGE_S + 60)
+    _age(stale_part, UPLOAD_MAX_AGE_S + 60)
+    _age(repo.upload_path("bundles/new/1.0.tar.gz"), UPLOAD_MAX_AGE_S - 60)
+    removed = repo.housekeep()
+    assert sorted(removed["uploads"]) == sorted([".x.1.2.part", repo.upload_path("bundles/old/1.0.tar.gz").name])
+    assert [p.name for p in repo.uploads_dir.iterdir()] == [repo.upload_path("bundles/new/1.0.tar.gz").name]
+    assert repo.housekeep() == {"uploads": [], "targets": []}
+
+
+def test_housekeeping_keeps_targets_an_old_snapshot_may_name(tmp_path: Path) -> None:
+    repo, _ = TufRepo.create(tmp_path / "tuf", tmp_path / "keys", Expiry(snapshot_s=3600))
+    keys = tmp_path / "keys"
+    old, new = "bundles/hello/1.0.tar.gz", "bundles/hello/2.0.tar.gz"
+    upload(repo, old, b"one")
+    repo.publish_targets(next_targets(repo, keys, {old: b"one"}).to_bytes())
+    old_file = repo.target_file(f"bundles/hello/{repo.targets.signed.targets[old].hashes['sha256']}.1.0.tar.gz")
+    assert old_file is not None
+    _age(old_file, 7200)  # uploaded long ago
+    # Version 3 lists only 2.0: 1.0 is no longer listed, but agents may hold the snapshot of version 2.
+    md = next_targets(repo, keys, {new: b"two"})
+    del md.signed.targets[old]
+    md.sign(load_signer(keys / "targets.key"), append=False)
+    upload(repo, new, b"two")
+    repo.publish_targets(md.to_bytes())
+    current = repo.metadata_dir / "3.targets.json"
+    assert repo.housekeep()["targets"] == [] and old_file.exists()  # delisted just now
+    _age(current, 1800)  # half the snapshot lifetime since it was delisted: still kept
+    assert repo.refresh() == [] and old_file.exists()
+    _age(current, 3700)  # past the snapshot lifetime: every snapshot naming version 2 has expired
+    stray = repo.targets_dir / "bundles" / "gone" / "abc.9.tar.gz"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"x")  # unlisted but new: kept
+    removed = repo.housekeep()
+    assert removed["targets"] == [old_file.relative_to(repo.targets_dir).as_posix()]
+    assert not old_file.exists() and stray.exists()
+    listed = repo.targets.signed.targets[new].hashes["sha256"]
+    new_file = repo.targets_dir / "bundles" / "hello" / f"{listed}.2.0.tar.gz"
+    _age(new_file, 7200)  # listed: kept however old
+    _age(stray, 7200)
+    assert repo.housekeep()["targets"] == ["bundles/gone/abc.9.tar.gz"]
+    assert new_file.exists() and not (repo.targets_dir / "bundles" / "gone").exists()
