@@ -10,8 +10,6 @@ Run alone: python bench/rollout.py
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,16 +19,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from _host import host_binary
+
 REPO = Path(__file__).resolve().parents[1]
 AGENTS = 10
 PROBATION_MS = 1000
-
-
-def _host() -> str:
-    found = shutil.which("pyagent-host") or str(Path(sys.executable).parent / "pyagent-host")
-    if not os.access(found, os.X_OK):
-        sys.exit("bench: pyagent-host not found; run scripts/dev.sh setup first")
-    return found
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> Any:
@@ -116,7 +109,7 @@ def rollout_10_agents() -> dict[str, Any]:
                     f'ca = "{state / "ca.pem"}"\ntoken = "{token}"\nbundles = ["{v1}"]\n'
                     f"[supervisor]\nprobation_ms = {PROBATION_MS}\nrestart_min_ms = 100\n")
                 with open(work / "host.log", "ab") as agent_log:
-                    procs.append(subprocess.Popen([_host(), "--config", str(work / "agent.toml")], stdout=agent_log,
+                    procs.append(subprocess.Popen([host_binary(), "--config", str(work / "agent.toml")], stdout=agent_log,
                                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
             _wait(lambda: sum(a["connected"] for a in api.get("/api/v1/agents")["agents"]) == AGENTS, 60,
                   "10 agents to connect")

@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -41,12 +40,7 @@ import msgspec  # noqa: E402
 from pyagent.endpoint import Endpoint, EndpointConfig  # noqa: E402
 from pyagent.runtime import Agent, method  # noqa: E402
 
-
-def host_binary() -> str:
-    found = shutil.which("pyagent-host") or str(Path(sys.executable).parent / "pyagent-host")
-    if not os.access(found, os.X_OK):
-        sys.exit("bench: pyagent-host not found; run scripts/dev.sh setup first")
-    return found
+from _host import host_binary  # noqa: E402  (bench/ is on sys.path when run as bench/run.py)
 
 
 def write_agent_config(workdir: Path, ep: Endpoint, name: str) -> Path:
