@@ -21,7 +21,6 @@ from typing import Any
 
 from _host import host_binary
 
-REPO = Path(__file__).resolve().parents[1]
 AGENTS = 10
 PROBATION_MS = 1000
 
