@@ -51,6 +51,25 @@ static int follow_supervisor(void) {
   return 0;
 }
 
+/* The updater task (`pyagent-host update`, started by the worker) lives no longer than the worker that started it:
+ * an updater left behind by a killed worker could otherwise write STATE/updates/staged.json under the next one. The
+ * parent is read before prctl and checked again after it, so a parent that died in between is not missed. (The
+ * signal follows the parent *thread* that forked: the worker starts the updater from its event loop, in its main
+ * thread, which lives as long as the worker.) */
+static int follow_parent(void) {
+  pid_t parent = getppid();
+  if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0) {
+    perror("pyagent-host: prctl(PR_SET_PDEATHSIG)");
+    return -1;
+  }
+  if (getppid() != parent) {
+    fprintf(stderr, "pyagent-host: the process that started the update task (pid %ld) is gone; not updating\n",
+            (long)parent);
+    return -1;
+  }
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc > 1 && (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0)) {
     /* Py_GetVersion is safe before initialisation. */
@@ -64,6 +83,9 @@ int main(int argc, char **argv) {
   if (follow_supervisor() != 0) return 1;
   /* Short-lived tasks of the same executable (DESIGN §2): heavy, rare work that must stay out of the worker. */
   if (argc > 1 && strcmp(argv[1], "enroll") == 0) return pa_embed_run_task(argc, argv, "pyagent.runtime.enroll");
-  if (argc > 1 && strcmp(argv[1], "update") == 0) return pa_embed_run_task(argc, argv, "pyagent.runtime.updater");
+  if (argc > 1 && strcmp(argv[1], "update") == 0) {
+    if (follow_parent() != 0) return 1;
+    return pa_embed_run_task(argc, argv, "pyagent.runtime.updater");
+  }
   return pa_embed_run(argc, argv);
 }

@@ -4,16 +4,19 @@
  *
  * Staged updates (docs/updates.md §3; the file operations are in update_swap.c) hook in at four places, marked
  * "SEAM" below:
- *   - worker_executable(): STATE/host/current/pyagent-host when a host update is installed (and executable), else
- *     the installed binary. Every worker gets PYAGENT_HOST_HOME=<directory of the installed binary>, so a host run
- *     from STATE/host/<version>/ finds the installed Python environment.
+ *   - worker_executable(): STATE/host/current/pyagent-host when a host update is installed (and executable) and the
+ *     installed binary is still the one it was swapped in over (STATE/host/installed.id), else the installed binary:
+ *     an OS package upgrade is not shadowed by an older host update. Every worker gets PYAGENT_HOST_HOME=<directory
+ *     of the installed binary>, so a host run from STATE/host/<version>/ finds the installed Python environment.
  *   - before_worker_start(): a staged update (STATE/updates/staged.json) is swapped in, or an interrupted swap,
  *     probation or rollback is finished (pa_upd_prepare); the probation timer starts with the worker.
  *   - on_probation(): polls STATE/updates/healthy until it holds this worker's pid (the worker's first handshake
  *     with its bundles loaded), for at most probation_handshake_ms; then probation_ms more of running commits the
  *     update. No healthy handshake in time rolls it back and restarts the worker on the previous version.
  *   - after_worker_exit(): any exit during probation (but a stop of the supervisor) rolls back and restarts at once,
- *     without backoff and outside the crash-loop count; exit 76 (an update was staged) restarts at once too.
+ *     without backoff and outside the crash-loop count; exit 76 (an update was staged) restarts at once too. A
+ *     rollback that fails (the link cannot be rewritten) leaves the new version in place: that exit takes the
+ *     ordinary policy (backoff, crash-loop count), so a broken version on a read-only state cannot spin.
  * The signals, the lock, the caps and the restart log are unchanged. */
 #include "supervisor.h"
 
@@ -57,6 +60,8 @@ typedef struct pa__sup_s {
   int probation_healthy;    /* the worker in probation has marked itself healthy: the timer is now the verdict */
   pa_upd_t upd;             /* the update in probation */
   int in_probation;
+  char rollback_failed_for[PA_UPD_VERSION_MAX + PA_UPD_NAME_MAX + 16]; /* the update whose rollback_failed is logged */
+  int superseded_logged;    /* supervisor.host.superseded is logged (until a host update applies again) */
   uint64_t upd_seq;         /* of the last record in updates.jsonl */
   uv_process_t proc;
   int proc_open;            /* proc is initialised and not yet closed */
@@ -98,21 +103,36 @@ static void iso_time(uint64_t ms, char *buf, size_t cap) {
            tm.tm_min, tm.tm_sec, (int)(ms % 1000));
 }
 
-/* SEAM (updates): the binary to run: STATE/host/current/pyagent-host when a host update is installed and that file is
- * an executable, else the installed binary. */
+/* SEAM (updates): the binary to run: STATE/host/current/pyagent-host when a host update is installed, that file is an
+ * executable and the installed binary has not been replaced since the swap (pa_upd_host_applies: an OS package
+ * upgrade wins over an older host update; the files stay, the next host update records the new binary), else the
+ * installed binary. */
 static const char *worker_executable(pa__sup_t *s) {
   struct stat st;
   int n = snprintf(s->host_exe, sizeof s->host_exe, "%s/host/" PA_UPD_LINK "/" PA_UPD_HOST_NAME, s->set.state_dir);
-  if (n > 0 && (size_t)n < sizeof s->host_exe && stat(s->host_exe, &st) == 0 && S_ISREG(st.st_mode) &&
-      access(s->host_exe, X_OK) == 0)
+  if (n <= 0 || (size_t)n >= sizeof s->host_exe || stat(s->host_exe, &st) != 0 || !S_ISREG(st.st_mode) ||
+      access(s->host_exe, X_OK) != 0)
+    return s->exe;
+  if (pa_upd_host_applies(s->set.state_dir, s->exe)) {
+    s->superseded_logged = 0;
     return s->host_exe;
+  }
+  if (!s->superseded_logged) {
+    char target[PATH_MAX] = "", qe[PATH_MAX + 8];
+    pa_upd_t host = {.kind = "host", .name = PA_UPD_HOST_NAME};
+    (void)pa_upd_link_target(s->set.state_dir, &host, target, sizeof target);
+    pa_log(PA_LOG_WARNING, "supervisor.host.superseded", "version=%s installed=%s note=\"the installed host changed "
+           "since this host update was swapped in (an OS package upgrade): the installed one runs\"",
+           target[0] ? target : "-", pa_log_quote(qe, sizeof qe, s->exe));
+    s->superseded_logged = 1;
+  }
   return s->exe;
 }
 
 /* SEAM (updates): swap in a staged update, or finish what a killed supervisor left half done, before a spawn. The
  * probation timer starts once the worker runs (start_worker). */
 static void before_worker_start(pa__sup_t *s) {
-  pa_upd_outcome_t o = pa_upd_prepare(s->set.state_dir, &s->upd_seq, &s->upd);
+  pa_upd_outcome_t o = pa_upd_prepare(s->set.state_dir, s->exe, &s->upd_seq, &s->upd);
   s->in_probation = o != PA_UPD_IDLE;
 }
 
@@ -123,19 +143,29 @@ static void exit_detail(pa__sup_t *s, char *out, size_t cap) {
   else snprintf(out, cap, "exit code %" PRId64, s->exit_status);
 }
 
-/* Roll the update in probation back (the link to its previous version, a record, probation.json removed). */
-static void rollback(pa__sup_t *s, const char *detail) {
-  char err[PATH_MAX + 256], q[PATH_MAX + 300];
+/* Roll the update in probation back (the link to its previous version, a record, probation.json removed). 0, or -1
+ * when it could not be done (the link cannot be rewritten: a read-only file system, no inodes, …): the new version
+ * stays current and probation.json stays, so the next start continues the probation; the caller then treats the
+ * exit as an ordinary one. The failure is logged once per update, not at every restart of a crash loop. */
+static int rollback(pa__sup_t *s, const char *detail) {
+  char err[PATH_MAX + 256], q[PATH_MAX + 300], qd[2 * sizeof s->cap_detail + 8];
+  char which[sizeof s->rollback_failed_for];
   s->in_probation = 0;
   uv_timer_stop(&s->probation_timer);
+  snprintf(which, sizeof which, "%s/%s/%s", s->upd.kind, s->upd.name, s->upd.version);
   if (pa_upd_rollback(s->set.state_dir, &s->upd_seq, &s->upd, detail, err, sizeof err) != 0) {
-    pa_log(PA_LOG_ERROR, "supervisor.update.rollback_failed", "kind=%s name=%s version=%s error=%s", s->upd.kind,
-           s->upd.name, s->upd.version, pa_log_quote(q, sizeof q, err));
-    return;
+    if (strcmp(s->rollback_failed_for, which) != 0)
+      pa_log(PA_LOG_ERROR, "supervisor.update.rollback_failed", "kind=%s name=%s version=%s pid=%d detail=%s error=%s",
+             s->upd.kind, s->upd.name, s->upd.version, s->pid, pa_log_quote(qd, sizeof qd, detail),
+             pa_log_quote(q, sizeof q, err));
+    snprintf(s->rollback_failed_for, sizeof s->rollback_failed_for, "%s", which);
+    return -1;
   }
+  s->rollback_failed_for[0] = '\0';
   pa_log(PA_LOG_WARNING, "supervisor.update.rolled_back", "kind=%s name=%s version=%s previous=%s pid=%d detail=%s",
          s->upd.kind, s->upd.name, s->upd.version, s->upd.previous[0] ? s->upd.previous : "-", s->pid,
          pa_log_quote(q, sizeof q, detail));
+  return 0;
 }
 
 static void close_all(uv_handle_t *h, void *arg) {
@@ -272,6 +302,7 @@ static void commit(pa__sup_t *s) {
            s->upd.name, s->upd.version, pa_log_quote(q, sizeof q, err));
     return;
   }
+  s->rollback_failed_for[0] = '\0';
   pa_log(PA_LOG_INFO, "supervisor.update.committed", "kind=%s name=%s version=%s previous=%s pid=%d", s->upd.kind,
          s->upd.name, s->upd.version, s->upd.previous[0] ? s->upd.previous : "-", s->pid);
 }
@@ -301,9 +332,9 @@ static void on_probation(uv_timer_t *t) {
   if (waited < s->set.probation_handshake_ms) return; /* the poll repeats */
   pa_log(PA_LOG_WARNING, "supervisor.update.unhealthy", "pid=%d healthy_pid=%ld probation_handshake_ms=%" PRIu64,
          s->pid, healthy, s->set.probation_handshake_ms);
-  rollback(s, PA__NOT_HEALTHY);
-  /* The worker on the new version is stopped; its exit restarts it at once on the previous one. */
-  s->killed_for = "rolled_back";
+  /* The worker on the new version is stopped; its exit restarts it at once on the previous one — or, when the
+   * rollback failed, on the same version after the ordinary backoff (reason "unhealthy", a crash-loop exit). */
+  s->killed_for = rollback(s, PA__NOT_HEALTHY) == 0 ? "rolled_back" : "unhealthy";
   snprintf(s->cap_detail, sizeof s->cap_detail, "%s", PA__NOT_HEALTHY);
   uv_timer_stop(&s->check_timer);
   terminate_worker(s);
@@ -345,17 +376,20 @@ static void record_restart(pa__sup_t *s, const char *reason, uint64_t uptime_ms,
 }
 
 /* SEAM (updates): any exit of a worker in probation rolls back here, before the restart policy; the worker then
- * restarts at once on the previous version (no backoff, not a crash-loop exit). */
+ * restarts at once on the previous version (no backoff, not a crash-loop exit). When the rollback fails the new
+ * version is still current: the exit is judged like any other (backoff, crash-loop count), else a version that
+ * crashes at once would be restarted in a tight loop. */
 static void after_worker_exit(pa__sup_t *s, const char *reason, pa_sup_action_t action, int abnormal,
                               uint64_t uptime_ms) {
   int rolled_back = s->killed_for && strcmp(s->killed_for, "rolled_back") == 0; /* by on_probation */
   if (s->in_probation) {
     char detail[sizeof s->cap_detail];
     exit_detail(s, detail, sizeof detail);
-    rollback(s, detail);
-    rolled_back = 1;
-    s->killed_for = "rolled_back";
-    snprintf(s->cap_detail, sizeof s->cap_detail, "%s", detail);
+    if (rollback(s, detail) == 0) {
+      rolled_back = 1;
+      s->killed_for = "rolled_back";
+      snprintf(s->cap_detail, sizeof s->cap_detail, "%s", detail);
+    }
   }
   if (rolled_back) {
     reason = "rolled_back";

@@ -337,6 +337,41 @@ int pa_upd_set_link(const char *state_dir, const pa_upd_t *u, const char *versio
 }
 
 /* ---------------------------------------------------------------------------------------------------------------- */
+/* STATE/host/installed.id                                                                                          */
+
+int pa_upd_file_id(const char *path, char *out, size_t cap) {
+  struct stat st;
+  if (stat(path, &st) != 0) return -errno;
+  int n = snprintf(out, cap, "dev=%ju ino=%ju size=%jd mtime=%jd.%09ld\n", (uintmax_t)st.st_dev,
+                   (uintmax_t)st.st_ino, (intmax_t)st.st_size, (intmax_t)st.st_mtim.tv_sec, (long)st.st_mtim.tv_nsec);
+  return n > 0 && (size_t)n < cap ? 0 : -ENAMETOOLONG;
+}
+
+static int installed_id_path(char *out, size_t cap, const char *state_dir) {
+  int n = snprintf(out, cap, "%s/host/" PA_UPD_INSTALLED_ID, state_dir);
+  return n > 0 && (size_t)n < cap ? 0 : -1;
+}
+
+int pa_upd_write_installed_id(const char *state_dir, const char *installed_exe) {
+  char path[PATH_MAX], id[256];
+  if (installed_id_path(path, sizeof path, state_dir) != 0) return -ENAMETOOLONG;
+  int rc = pa_upd_file_id(installed_exe, id, sizeof id);
+  return rc != 0 ? rc : write_atomic(path, id);
+}
+
+int pa_upd_host_applies(const char *state_dir, const char *installed_exe) {
+  char path[PATH_MAX], now[256], recorded[256];
+  if (installed_id_path(path, sizeof path, state_dir) != 0) return 0;
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) return errno == ENOENT; /* no installed.id: a host update swapped in before the file existed */
+  ssize_t n = read(fd, recorded, sizeof recorded - 1);
+  close(fd);
+  if (n <= 0) return 0;
+  recorded[n] = '\0';
+  return pa_upd_file_id(installed_exe, now, sizeof now) == 0 && strcmp(now, recorded) == 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------- */
 /* updates.jsonl                                                                                                    */
 
 static uint64_t wall_ms(void) {
@@ -389,8 +424,10 @@ uint64_t pa_upd_last_seq(const char *state_dir) {
 /* ---------------------------------------------------------------------------------------------------------------- */
 /* Swap, commit, rollback                                                                                           */
 
-int pa_upd_swap(const char *state_dir, pa_upd_t *u, const char *keep_previous, char *err, size_t cap) {
+int pa_upd_swap(const char *state_dir, pa_upd_t *u, const char *keep_previous, const char *installed_exe, char *err,
+                size_t cap) {
   char probation[PATH_MAX], staged[PATH_MAX], healthy[PATH_MAX];
+  int host = strcmp(u->kind, "host") == 0;
   if (updates_path(probation, sizeof probation, state_dir, PA_UPD_PROBATION) ||
       updates_path(staged, sizeof staged, state_dir, PA_UPD_STAGED) ||
       updates_path(healthy, sizeof healthy, state_dir, PA_UPD_HEALTHY)) {
@@ -408,6 +445,9 @@ int pa_upd_swap(const char *state_dir, pa_upd_t *u, const char *keep_previous, c
       return -1;
     }
     memcpy(u->previous, target, strlen(target) + 1); /* checked above: it fits */
+    /* A host link superseded by an OS package upgrade did not run: the installed binary did, and a rollback goes
+     * back to it (the link removed). */
+    if (host && installed_exe && target[0] && !pa_upd_host_applies(state_dir, installed_exe)) u->previous[0] = '\0';
   }
   u->unix_ms = wall_ms();
   /* 1. probation.json: from here on a restarted supervisor knows the previous version. */
@@ -426,6 +466,17 @@ int pa_upd_swap(const char *state_dir, pa_upd_t *u, const char *keep_previous, c
   if (rc != 0) {
     snprintf(err, cap, "cannot write %s: %s", probation, strerror(-rc));
     return -1;
+  }
+  /* 1b. A host update applies while the installed binary is the one it was swapped in over (pa_upd_host_applies):
+   * recorded before the link, so a crash in between leaves no link without its record. */
+  if (host && installed_exe) {
+    rc = pa_upd_write_installed_id(state_dir, installed_exe);
+    if (rc != 0) {
+      snprintf(err, cap, "cannot record the installed host %s in %s/host/" PA_UPD_INSTALLED_ID ": %s", installed_exe,
+               state_dir, strerror(-rc));
+      (void)remove_file(probation);
+      return -1;
+    }
   }
   /* 2. A stale `healthy` (an earlier probation) must not vouch for the new worker. */
   (void)remove_file(healthy);
@@ -579,7 +630,7 @@ static void do_rollback(const char *state_dir, uint64_t *seq, const pa_upd_t *u,
          u->name, u->version, u->previous[0] ? u->previous : "-", pa_log_quote(q, sizeof q, detail));
 }
 
-pa_upd_outcome_t pa_upd_prepare(const char *state_dir, uint64_t *seq, pa_upd_t *u) {
+pa_upd_outcome_t pa_upd_prepare(const char *state_dir, const char *installed_exe, uint64_t *seq, pa_upd_t *u) {
   char err[PATH_MAX + 512], staged_path[PATH_MAX], probation_path[PATH_MAX];
   if (updates_path(staged_path, sizeof staged_path, state_dir, PA_UPD_STAGED) ||
       updates_path(probation_path, sizeof probation_path, state_dir, PA_UPD_PROBATION))
@@ -628,7 +679,7 @@ pa_upd_outcome_t pa_upd_prepare(const char *state_dir, uint64_t *seq, pa_upd_t *
   }
   if (!have_s) return PA_UPD_IDLE;
   char q[sizeof err + 64];
-  if (pa_upd_swap(state_dir, &st, keep_previous, err, sizeof err) != 0) {
+  if (pa_upd_swap(state_dir, &st, keep_previous, installed_exe, err, sizeof err) != 0) {
     log_failed(&st, err);
     (void)pa_upd_record(state_dir, seq, &st, "failed", err);
     (void)remove_file(staged_path);

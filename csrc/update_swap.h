@@ -10,6 +10,7 @@
  *   STATE/updates/healthy          written by the worker in probation once it is healthy: its pid
  *   STATE/updates/updates.jsonl    written here only (bounded like restarts.jsonl)
  *   STATE/bundles/<name>/current -> "<version>"   (a bundle)      STATE/host/current -> "<version>"   (the host)
+ *   STATE/host/installed.id        written here at a host swap: the identity of the installed binary then
  *
  * Crash safety: every step is one atomic file operation (rename(2), unlink(2), one append), in an order that leaves
  * a runnable state at every point. pa_upd_prepare() finds out where a killed supervisor stopped and finishes the job:
@@ -29,6 +30,7 @@
 #define PA_UPD_LOG "updates.jsonl"
 #define PA_UPD_LINK "current"
 #define PA_UPD_HOST_NAME "pyagent-host" /* the "name" of a host update; also the executable's file name */
+#define PA_UPD_INSTALLED_ID "installed.id" /* STATE/host/installed.id: see pa_upd_host_applies() */
 /* updates.jsonl stays under this size (pa_sup_append_bounded). */
 #define PA_UPD_LOG_MAX_BYTES (64 * 1024)
 /* staged.json / probation.json larger than this are refused. */
@@ -73,10 +75,13 @@ int pa_upd_link_target(const char *state_dir, const pa_upd_t *u, char *out, size
 int pa_upd_set_link(const char *state_dir, const pa_upd_t *u, const char *version);
 
 /* The swap of a staged update (u from staged.json): write probation.json (previous = `keep_previous` when a half-done
- * swap is redone, else the link's target), point the link at u->version, remove staged.json, remove a stale
- * `healthy`. Fills u->previous and u->unix_ms. 0, or -1 with err (nothing changed that would keep the worker from
- * starting on its current version). */
-int pa_upd_swap(const char *state_dir, pa_upd_t *u, const char *keep_previous, char *err, size_t errcap);
+ * swap is redone, else the link's target — "" for a host link that pa_upd_host_applies() says is superseded, since
+ * the installed binary is what ran), for a host update record the identity of `installed_exe` (the binary the
+ * supervisor runs when no host update applies; NULL: not recorded) in STATE/host/installed.id, point the link at
+ * u->version, remove staged.json, remove a stale `healthy`. Fills u->previous and u->unix_ms. 0, or -1 with err
+ * (nothing changed that would keep the worker from starting on its current version). */
+int pa_upd_swap(const char *state_dir, pa_upd_t *u, const char *keep_previous, const char *installed_exe, char *err,
+                size_t errcap);
 /* Commit: append "committed", remove probation.json and healthy, remove version directories other than current and
  * previous (only directories whose names are versions and that were not changed since u->unix_ms: a version staged
  * meanwhile is kept). 0, or -1 with err. */
@@ -89,6 +94,17 @@ int pa_upd_rollback(const char *state_dir, uint64_t *seq, const pa_upd_t *u, con
  * changed at or after newer_than_ms (0: no such limit) are kept. Returns the number removed, or -errno. */
 int pa_upd_prune(const char *dir, const char *keep1, const char *keep2, uint64_t newer_than_ms);
 
+/* The identity of a file as recorded in STATE/host/installed.id: "dev=… ino=… size=… mtime=….…" (stat(2), symlinks
+ * followed). 0 or -errno. */
+int pa_upd_file_id(const char *path, char *out, size_t cap);
+/* Write STATE/host/installed.id (temporary file + rename): the identity of `installed_exe` now. 0 or -errno. */
+int pa_upd_write_installed_id(const char *state_dir, const char *installed_exe);
+/* Does the host update in STATE/host/current still apply? An OS package upgrade replaces the installed binary; a host
+ * update swapped in before it must not shadow it. 1: STATE/host/installed.id names `installed_exe` as it is now, or
+ * there is no installed.id (state from before the file existed). 0: superseded (the installed binary changed since
+ * the swap, or installed.id or the binary cannot be read: the installed binary is the safe choice). */
+int pa_upd_host_applies(const char *state_dir, const char *installed_exe);
+
 /* The pid in STATE/updates/healthy; 0 when absent or not a pid. */
 long pa_upd_read_healthy(const char *state_dir);
 
@@ -100,7 +116,8 @@ uint64_t pa_upd_last_seq(const char *state_dir);
 
 /* Before a worker starts: look at STATE/updates and do what is due (see the top of this file). A bad staged.json is
  * logged, recorded as "failed" with the reason and removed; the worker then starts on its current version. When the
- * outcome is SWAPPED or CONTINUED, *u holds the update in probation. Everything is logged (supervisor.update.*). */
-pa_upd_outcome_t pa_upd_prepare(const char *state_dir, uint64_t *seq, pa_upd_t *u);
+ * outcome is SWAPPED or CONTINUED, *u holds the update in probation. `installed_exe` goes to pa_upd_swap. Everything
+ * is logged (supervisor.update.*). */
+pa_upd_outcome_t pa_upd_prepare(const char *state_dir, const char *installed_exe, uint64_t *seq, pa_upd_t *u);
 
 #endif

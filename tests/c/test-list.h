@@ -83,6 +83,8 @@ TEST_DECLARE(update_swap_recovery)
 TEST_DECLARE(update_swap_bad_staged)
 TEST_DECLARE(update_swap_names)
 TEST_DECLARE(update_swap_log_bounded)
+TEST_DECLARE(update_swap_rollback_fails)
+TEST_DECLARE(update_swap_host_installed_id)
 
 typedef struct pa_task_entry_s {
   const char *name;
@@ -173,4 +175,6 @@ TASK_LIST_START
   TEST_ENTRY(update_swap_bad_staged)
   TEST_ENTRY(update_swap_names)
   TEST_ENTRY(update_swap_log_bounded)
+  TEST_ENTRY(update_swap_rollback_fails)
+  TEST_ENTRY(update_swap_host_installed_id)
 TASK_LIST_END

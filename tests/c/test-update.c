@@ -143,7 +143,7 @@ TEST_IMPL(update_swap_commit_prunes) {
 
   uint64_t seq = 0;
   pa_upd_t u;
-  ASSERT_EQ(pa_upd_prepare(t.root, &seq, &u), PA_UPD_SWAPPED);
+  ASSERT_EQ(pa_upd_prepare(t.root, NULL, &seq, &u), PA_UPD_SWAPPED);
   ASSERT(strcmp(target_of(t.root, "bundles/hello/current"), "2.0") == 0);
   ASSERT(strcmp(u.previous, "1.0") == 0 && strcmp(u.version, "2.0") == 0 && strcmp(u.rollout, "r-1") == 0);
   ASSERT(!exists(t.root, "updates/staged.json"));
@@ -182,7 +182,7 @@ TEST_IMPL(update_swap_commit_prunes) {
   ASSERT(json_is_integer(json_object_get(r1, "unix_ms")) && strlen(rec_str(recs, 1, "time")) == 24);
   json_decref(recs);
   /* Nothing left to do: the next start is an ordinary one. */
-  ASSERT_EQ(pa_upd_prepare(t.root, &seq, &u), PA_UPD_IDLE);
+  ASSERT_EQ(pa_upd_prepare(t.root, NULL, &seq, &u), PA_UPD_IDLE);
   ASSERT_UINT64_EQ(pa_upd_last_seq(t.root), 2);
   tmp_free(&t);
   return 0;
@@ -198,7 +198,7 @@ TEST_IMPL(update_swap_rollback) {
   uint64_t seq = 7; /* continues from an earlier supervisor */
   pa_upd_t u;
   char err[512];
-  ASSERT_EQ(pa_upd_prepare(t.root, &seq, &u), PA_UPD_SWAPPED);
+  ASSERT_EQ(pa_upd_prepare(t.root, NULL, &seq, &u), PA_UPD_SWAPPED);
   put(t.root, "updates/healthy", "1\n", 0600);
   ASSERT_OK(pa_upd_rollback(t.root, &seq, &u, "exit code 2", err, sizeof err));
   ASSERT(strcmp(target_of(t.root, "bundles/hello/current"), "1.0") == 0);
@@ -215,7 +215,7 @@ TEST_IMPL(update_swap_rollback) {
   mk(t.root, "host/9.9.9");
   put(t.root, "host/9.9.9/pyagent-host", "#!/bin/sh\nexit 1\n", 0755);
   stage(t.root, "host", "pyagent-host", "9.9.9");
-  ASSERT_EQ(pa_upd_prepare(t.root, &seq, &u), PA_UPD_SWAPPED);
+  ASSERT_EQ(pa_upd_prepare(t.root, NULL, &seq, &u), PA_UPD_SWAPPED);
   ASSERT(strcmp(target_of(t.root, "host/current"), "9.9.9") == 0 && strcmp(u.previous, "") == 0);
   char exe[600];
   snprintf(exe, sizeof exe, "%s/host/current/pyagent-host", t.root);
@@ -243,13 +243,13 @@ TEST_IMPL(update_swap_recovery) {
   link_at(t.root, "bundles/hello/current", "1.0");
   stage(t.root, "bundle", "hello", "2.0");
   put(t.root, "updates/probation.json", probation, 0600);
-  ASSERT_EQ(pa_upd_prepare(t.root, &seq, &u), PA_UPD_SWAPPED);
+  ASSERT_EQ(pa_upd_prepare(t.root, NULL, &seq, &u), PA_UPD_SWAPPED);
   ASSERT(strcmp(target_of(t.root, "bundles/hello/current"), "2.0") == 0 && strcmp(u.previous, "1.0") == 0);
   ASSERT(!exists(t.root, "updates/staged.json") && exists(t.root, "updates/probation.json"));
   /* Killed after the link, before staged.json was removed: redone; previous is still 1.0, not the link's 2.0. */
   stage(t.root, "bundle", "hello", "2.0");
   put(t.root, "updates/probation.json", probation, 0600);
-  ASSERT_EQ(pa_upd_prepare(t.root, &seq, &u), PA_UPD_SWAPPED);
+  ASSERT_EQ(pa_upd_prepare(t.root, NULL, &seq, &u), PA_UPD_SWAPPED);
   ASSERT(strcmp(target_of(t.root, "bundles/hello/current"), "2.0") == 0 && strcmp(u.previous, "1.0") == 0);
   pa_upd_t p;
   char err[512];
@@ -257,13 +257,13 @@ TEST_IMPL(update_swap_recovery) {
   ASSERT(strcmp(p.previous, "1.0") == 0);
   /* Killed during the probation: it continues (a stale healthy does not vouch for the next worker). */
   put(t.root, "updates/healthy", "99\n", 0600);
-  ASSERT_EQ(pa_upd_prepare(t.root, &seq, &u), PA_UPD_CONTINUED);
+  ASSERT_EQ(pa_upd_prepare(t.root, NULL, &seq, &u), PA_UPD_CONTINUED);
   ASSERT(strcmp(u.version, "2.0") == 0 && strcmp(u.previous, "1.0") == 0);
   ASSERT(!exists(t.root, "updates/healthy"));
-  ASSERT_EQ(pa_upd_prepare(t.root, &seq, &u), PA_UPD_CONTINUED); /* idempotent */
+  ASSERT_EQ(pa_upd_prepare(t.root, NULL, &seq, &u), PA_UPD_CONTINUED); /* idempotent */
   /* Killed during a rollback (link back, probation.json still there): the rollback is finished. */
   link_at(t.root, "bundles/hello/current", "1.0");
-  ASSERT_EQ(pa_upd_prepare(t.root, &seq, &u), PA_UPD_IDLE);
+  ASSERT_EQ(pa_upd_prepare(t.root, NULL, &seq, &u), PA_UPD_IDLE);
   ASSERT(strcmp(target_of(t.root, "bundles/hello/current"), "1.0") == 0);
   ASSERT(!exists(t.root, "updates/probation.json"));
   json_t *recs = records(t.root);
@@ -310,7 +310,7 @@ TEST_IMPL(update_swap_bad_staged) {
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     put(t.root, "updates/staged.json", cases[i].json, 0600);
     pa_upd_t u;
-    ASSERT_EQ(pa_upd_prepare(t.root, &seq, &u), PA_UPD_IDLE);
+    ASSERT_EQ(pa_upd_prepare(t.root, NULL, &seq, &u), PA_UPD_IDLE);
     ASSERT(!exists(t.root, "updates/staged.json") && !exists(t.root, "updates/probation.json"));
     ASSERT(strcmp(target_of(t.root, "bundles/hello/current"), "1.0") == 0);
     ASSERT(!exists(t.root, "host/current"));
@@ -339,7 +339,7 @@ TEST_IMPL(update_swap_bad_staged) {
   unlink(path);
   mk(t.root, "bundles/hello/current");
   stage(t.root, "bundle", "hello", "2.0");
-  ASSERT_EQ(pa_upd_prepare(t.root, &seq, &u), PA_UPD_IDLE);
+  ASSERT_EQ(pa_upd_prepare(t.root, NULL, &seq, &u), PA_UPD_IDLE);
   ASSERT(exists(t.root, "bundles/hello/current") && !exists(t.root, "updates/probation.json"));
   pa_upd_t v = {.kind = "bundle", .name = "hello"};
   ASSERT_EQ(pa_upd_set_link(t.root, &v, ""), -EINVAL);
@@ -413,6 +413,145 @@ TEST_IMPL(update_swap_log_bounded) {
   uint64_t next = pa_upd_last_seq(t.root);
   ASSERT_OK(pa_upd_record(t.root, &next, &u, "probation", ""));
   ASSERT_UINT64_EQ(next, 601);
+  tmp_free(&t);
+  return 0;
+}
+
+/* A link that cannot be rewritten (here: `.current.tmp` is a non-empty directory, which unlink(2) refuses even to
+ * root; in the field a read-only file system, EPERM, no inodes): the rollback fails and changes nothing — the link
+ * stays on the new version, probation.json stays, no record — so the next start continues the probation (the
+ * supervisor then restarts with backoff, test_update_swap.py). Once the link can be written, the rollback works. */
+TEST_IMPL(update_swap_rollback_fails) {
+  tmpstate_t t;
+  tmp_init(&t);
+  bundle_version(t.root, "hello", "1.0");
+  bundle_version(t.root, "hello", "2.0");
+  link_at(t.root, "bundles/hello/current", "1.0");
+  stage(t.root, "bundle", "hello", "2.0");
+  uint64_t seq = 0;
+  pa_upd_t u;
+  char err[1024];
+  ASSERT_EQ(pa_upd_prepare(t.root, NULL, &seq, &u), PA_UPD_SWAPPED);
+  mk(t.root, "bundles/hello/.current.tmp/blocker");
+  ASSERT_EQ(pa_upd_rollback(t.root, &seq, &u, "exit code 1", err, sizeof err), -1);
+  ASSERT_STR_CONTAINS(err, "back at '1.0'");
+  ASSERT_STR_EQ(target_of(t.root, "bundles/hello/current"), "2.0");
+  ASSERT(exists(t.root, "updates/probation.json"));
+  json_t *recs = records(t.root);
+  ASSERT_EQ(json_array_size(recs), 1); /* probation only */
+  json_decref(recs);
+  ASSERT_EQ(pa_upd_prepare(t.root, NULL, &seq, &u), PA_UPD_CONTINUED);
+  ASSERT_STR_EQ(u.version, "2.0");
+  ASSERT_STR_EQ(u.previous, "1.0");
+  char blocker[600];
+  snprintf(blocker, sizeof blocker, "%s/bundles/hello/.current.tmp/blocker", t.root);
+  ASSERT_OK(rmdir(blocker));
+  *strrchr(blocker, '/') = '\0';
+  ASSERT_OK(rmdir(blocker));
+  ASSERT_OK(pa_upd_rollback(t.root, &seq, &u, "exit code 1", err, sizeof err));
+  ASSERT_STR_EQ(target_of(t.root, "bundles/hello/current"), "1.0");
+  ASSERT(!exists(t.root, "updates/probation.json"));
+  recs = records(t.root);
+  ASSERT_EQ(json_array_size(recs), 2);
+  ASSERT_STR_EQ(rec_str(recs, 1, "state"), "rolled_back");
+  json_decref(recs);
+  tmp_free(&t);
+  return 0;
+}
+
+/* Replace a file the way a package manager does: a new file renamed over it (a new inode). */
+static void replace_file(const char *root, const char *rel, const char *text) {
+  char tmp[256], path[512], from[512];
+  snprintf(tmp, sizeof tmp, "%s.new", rel);
+  put(root, tmp, text, 0755);
+  snprintf(from, sizeof from, "%s/%s", root, tmp);
+  snprintf(path, sizeof path, "%s/%s", root, rel);
+  ASSERT_OK(rename(from, path));
+}
+
+/* STATE/host/installed.id: a host update applies only while the installed binary is the one it was swapped in over;
+ * an OS package upgrade of the installed binary supersedes it, and the next host update's swap takes the installed
+ * binary (not the superseded link) as the version to roll back to. */
+TEST_IMPL(update_swap_host_installed_id) {
+  tmpstate_t t;
+  tmp_init(&t);
+  mk(t.root, "inst");
+  put(t.root, "inst/pyagent-host", "#!/bin/sh\necho installed 1\n", 0755);
+  char installed[600];
+  snprintf(installed, sizeof installed, "%s/inst/pyagent-host", t.root);
+  mk(t.root, "host/9.9.9");
+  put(t.root, "host/9.9.9/pyagent-host", "#!/bin/sh\nexit 0\n", 0755);
+  /* State from before installed.id existed: a host link alone applies. */
+  link_at(t.root, "host/current", "9.9.9");
+  ASSERT_EQ(pa_upd_host_applies(t.root, installed), 1);
+  char link[600];
+  snprintf(link, sizeof link, "%s/host/current", t.root);
+  ASSERT_OK(unlink(link));
+
+  stage(t.root, "host", "pyagent-host", "9.9.9");
+  uint64_t seq = 0;
+  pa_upd_t u;
+  char err[1024], id[256], recorded[256];
+  ASSERT_EQ(pa_upd_prepare(t.root, installed, &seq, &u), PA_UPD_SWAPPED);
+  ASSERT_STR_EQ(target_of(t.root, "host/current"), "9.9.9");
+  ASSERT(exists(t.root, "host/installed.id") && !exists(t.root, "host/installed.id.tmp"));
+  ASSERT_OK(pa_upd_file_id(installed, id, sizeof id));
+  char path[600];
+  snprintf(path, sizeof path, "%s/host/installed.id", t.root);
+  FILE *f = fopen(path, "r");
+  ASSERT(f != NULL);
+  ASSERT(fgets(recorded, sizeof recorded, f) != NULL);
+  fclose(f);
+  ASSERT_STR_EQ(recorded, id);
+  ASSERT_STR_CONTAINS(id, " ino=");
+  ASSERT_EQ(pa_upd_host_applies(t.root, installed), 1);
+  ASSERT_OK(pa_upd_commit(t.root, &seq, &u, err, sizeof err));
+  ASSERT_EQ(pa_upd_host_applies(t.root, installed), 1);
+
+  /* The package manager installs a newer host: the update no longer applies (the files stay). */
+  replace_file(t.root, "inst/pyagent-host", "#!/bin/sh\necho installed 2\n");
+  ASSERT_EQ(pa_upd_host_applies(t.root, installed), 0);
+  ASSERT_STR_EQ(target_of(t.root, "host/current"), "9.9.9");
+  /* Changed in place (same inode, another size) counts too. */
+  put(t.root, "inst/pyagent-host", "#!/bin/sh\necho installed 1, changed\n", 0755);
+  ASSERT_EQ(pa_upd_host_applies(t.root, installed), 0);
+  /* A missing installed binary or a damaged installed.id: the installed binary is the safe choice. */
+  char gone[620];
+  snprintf(gone, sizeof gone, "%s.gone", installed);
+  ASSERT_EQ(pa_upd_host_applies(t.root, gone), 0);
+  put(t.root, "host/installed.id", "", 0600);
+  ASSERT_EQ(pa_upd_host_applies(t.root, installed), 0);
+  put(t.root, "host/installed.id", "garbage\n", 0600);
+  ASSERT_EQ(pa_upd_host_applies(t.root, installed), 0);
+
+  /* The next host update over a superseded link: its previous is the installed binary (""), and installed.id names
+   * the installed binary as it is now. */
+  mk(t.root, "host/10.0.0");
+  put(t.root, "host/10.0.0/pyagent-host", "#!/bin/sh\nexit 0\n", 0755);
+  stage(t.root, "host", "pyagent-host", "10.0.0");
+  ASSERT_EQ(pa_upd_prepare(t.root, installed, &seq, &u), PA_UPD_SWAPPED);
+  ASSERT_STR_EQ(u.previous, "");
+  ASSERT_STR_EQ(target_of(t.root, "host/current"), "10.0.0");
+  ASSERT_EQ(pa_upd_host_applies(t.root, installed), 1);
+  ASSERT_OK(pa_upd_rollback(t.root, &seq, &u, "exit code 1", err, sizeof err));
+  ASSERT(!exists(t.root, "host/current")); /* back on the installed binary, not the superseded 9.9.9 */
+
+  /* A link that still applies stays the previous version of the next host update. */
+  stage(t.root, "host", "pyagent-host", "9.9.9");
+  ASSERT_EQ(pa_upd_prepare(t.root, installed, &seq, &u), PA_UPD_SWAPPED);
+  ASSERT_OK(pa_upd_commit(t.root, &seq, &u, err, sizeof err)); /* prunes 10.0.0, not the previous: put it back */
+  mk(t.root, "host/10.0.0");
+  put(t.root, "host/10.0.0/pyagent-host", "#!/bin/sh\nexit 0\n", 0755);
+  stage(t.root, "host", "pyagent-host", "10.0.0");
+  ASSERT_EQ(pa_upd_prepare(t.root, installed, &seq, &u), PA_UPD_SWAPPED);
+  ASSERT_STR_EQ(u.previous, "9.9.9");
+  /* A bundle update never touches installed.id. */
+  ASSERT_OK(pa_upd_commit(t.root, &seq, &u, err, sizeof err));
+  unlink(path);
+  bundle_version(t.root, "hello", "1.0");
+  stage(t.root, "bundle", "hello", "1.0");
+  ASSERT_EQ(pa_upd_prepare(t.root, installed, &seq, &u), PA_UPD_SWAPPED);
+  ASSERT(!exists(t.root, "host/installed.id"));
   tmp_free(&t);
   return 0;
 }

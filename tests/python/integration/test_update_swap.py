@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -340,3 +341,129 @@ def test_bad_staged_json_is_refused_and_worker_starts(tmp_path: Path, endpoint: 
     wait_for(lambda: (sup.state / "agent-id").exists(), 30, "the agent id")
     wait_for(lambda: serving(endpoint, sup, pid), 30, "the worker")
     assert endpoint.call(sup.agent_id, "upd.version") == {"result": "1.0.0"}
+
+
+def test_rollback_that_cannot_rewrite_the_link_backs_off(tmp_path: Path, endpoint: EndpointProc,
+                                                         supervisors: list[SupervisorProc]) -> None:
+    """The link cannot be rewritten (here `.current.tmp` is a non-empty directory, which unlink(2) refuses even to
+    root; in the field a read-only file system, EPERM, no inodes): an exit of the new version cannot be rolled back,
+    the next start continues its probation, so the exit takes the ordinary policy — backoff, the crash-loop count —
+    rather than an immediate restart into the same crash. Once the link can be written again the probation ends."""
+    v1 = make_bundle(tmp_path / "upd-1", "1.0.0")
+    sup = new_sup(tmp_path, endpoint, supervisors, [v1])
+    versions = sup.state / "bundles" / "upd"
+    blocker = versions / ".current.tmp" / "blocker"
+    make_bundle(versions / "1.5.0", "1.5.0")
+    (versions / "current").symlink_to("1.5.0")  # (a rollback to no version removes the link: no .current.tmp)
+    # 2.0.0 dies (SIGKILL) as soon as the link is blocked, at every start.
+    make_bundle(versions / "2.0.0", "2.0.0",
+                "import os, signal, threading, time\n"
+                "def _die():\n"
+                f"    while not os.path.exists({str(blocker)!r}):\n"
+                "        time.sleep(0.02)\n"
+                "    os.kill(os.getpid(), signal.SIGKILL)\n"
+                "threading.Thread(target=_die, daemon=True).start()")
+    stage(sup.state, "bundle", "upd", "2.0.0")
+    sup.start()
+    assert link(versions / "current") == "2.0.0"
+    blocker.mkdir(parents=True)
+    wait_for(lambda: any(r["crash_loop"] for r in sup.restarts()), 30, "the crash loop to be detected")
+    restarts = sup.restarts()
+    assert len(restarts) >= 3
+    for r in restarts:
+        assert r["reason"] == "signal" and r["signal"] == int(signal.SIGKILL), r
+        assert r["delay_ms"] > 0, restarts
+    assert restarts[-1]["delay_ms"] == 1500  # restart_max_ms once it is a crash loop
+    assert sup.events("supervisor.crash_loop")
+    [failed] = sup.events("supervisor.update.rollback_failed")  # once for this update, not at every restart
+    assert failed["version"] == "2.0.0" and failed["name"] == "upd"
+    assert link(versions / "current") == "2.0.0"
+    assert (sup.state / "updates" / "probation.json").exists()
+    assert states(sup.state) == ["probation"]
+    assert len(sup.events("supervisor.update.probation_continued")) >= 2
+    # The link can be written again: the probation continues to its verdict (2.0.0 no longer dies: committed).
+    shutil.rmtree(versions / ".current.tmp")
+    wait_for(lambda: settled(sup.state, "committed"), HANDSHAKE_MS / 1000 + PROBATION_MS / 1000 + 30, "the commit")
+    assert states(sup.state) == ["probation", "committed"]
+    pid = last_worker(sup)
+    wait_for(lambda: serving(endpoint, sup, pid), 30, "the worker on 2.0.0")
+    assert endpoint.call(sup.agent_id, "upd.version") == {"result": "2.0.0"}
+
+
+class InstalledSupervisor(SupervisorProc):
+    """A supervisor run from its own installed copy of the host, so that a test can upgrade it the way a package
+    manager does (a new file renamed over the old one) without touching the host the other tests run."""
+
+    def __init__(self, exe: Path, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exe = exe
+
+    def start(self) -> "InstalledSupervisor":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([str(self.exe), "--config", str(self.config)], stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for(lambda: "event=supervisor.worker.started" in self.log() or self._died(), 30,
+                 "the supervisor to start a worker")
+        return self
+
+
+def install_host(root: Path) -> Path:
+    """root/bin/pyagent-host, a copy of the host under test, in a tree that finds the same Python environment: the
+    venv's pyvenv.cfg and lib/ (or, installed from a package, its python/ directory) beside bin/."""
+    source = Path(host_binary()).resolve()
+    home = source.parent.parent
+    (root / "bin").mkdir(parents=True)
+    if (home / "pyvenv.cfg").exists():
+        shutil.copy2(home / "pyvenv.cfg", root / "pyvenv.cfg")
+        (root / "lib").symlink_to(home / "lib")
+    elif (home / "python").is_dir():
+        (root / "python").symlink_to(home / "python")
+    else:
+        raise AssertionError(f"cannot tell how {source} finds its Python environment (no pyvenv.cfg, no python/)")
+    exe = root / "bin" / "pyagent-host"
+    shutil.copy2(source, exe)
+    return exe
+
+
+def test_package_upgrade_supersedes_an_older_host_update(tmp_path: Path, endpoint: EndpointProc,
+                                                         supervisors: list[SupervisorProc]) -> None:
+    """A host update committed on 9.9.9; then the package manager installs a newer host. STATE/host/current still
+    points at 9.9.9, but it must not shadow the upgrade: the next supervisor runs the installed binary."""
+    installed = install_host(tmp_path / "inst")
+    probe = [BUNDLES / "hello", TEST_BUNDLES / "probe"]
+    sup = InstalledSupervisor(installed, tmp_path / "sup", endpoint.listen, endpoint.ca, endpoint.agent_token, probe,
+                              extra=fast() + ALLOW_LIFECYCLE)
+    supervisors.append(sup)
+    (sup.state / "host" / "9.9.9").mkdir(parents=True)
+    shutil.copy2(host_binary(), sup.state / "host" / "9.9.9" / "pyagent-host")
+    stage(sup.state, "host", "pyagent-host", "9.9.9")
+    sup.start()
+    pid = last_worker(sup)
+    assert exe_of(pid) == str(sup.state / "host" / "9.9.9" / "pyagent-host")
+    assert (sup.state / "host" / "installed.id").exists()
+    wait_for(lambda: settled(sup.state, "committed"), HANDSHAKE_MS / 1000 + PROBATION_MS / 1000 + 20, "the commit")
+    sup.stop()
+    # The upgrade: a new file renamed over the installed one (a new inode), as dpkg and rpm do.
+    new = installed.with_name("pyagent-host.dpkg-new")
+    shutil.copy2(host_binary(), new)
+    new.rename(installed)
+    again = InstalledSupervisor(installed, sup.workdir, endpoint.listen, endpoint.ca, endpoint.agent_token, probe,
+                                extra=fast() + ALLOW_LIFECYCLE)
+    again.log_path = sup.workdir / "supervisor-2.log"
+    supervisors.append(again)
+    again.start()
+    first = last_worker(again)
+    assert exe_of(first) == str(installed)
+    [superseded] = again.events("supervisor.host.superseded")
+    assert superseded["version"] == "9.9.9"
+    assert link(sup.state / "host" / "current") == "9.9.9"  # the files stay; the next host update rewrites them
+    wait_for(lambda: serving(endpoint, again, first), 30, "the installed host to answer calls")
+    # Every later start runs the installed binary too; the line is logged once.
+    time.sleep(0.2)  # past restart_min_ms: the requested restart is immediate
+    assert endpoint.call(again.agent_id, "agent.restart").get("result", {}).get("exit_code") == 75
+    wait_for(lambda: len(again.worker_pids()) >= 2, 10, "the restart")
+    second = last_worker(again)
+    assert exe_of(second) == str(installed)
+    assert len(again.events("supervisor.host.superseded")) == 1
+    wait_for(lambda: serving(endpoint, again, second), 30, "the installed host to answer calls again")
+    assert states(again.state) == ["probation", "committed"]
