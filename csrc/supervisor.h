@@ -95,6 +95,8 @@ int pa_sup_parse_stat(const char *text, uint64_t *cpu_ticks);
 /* Append one line (no newline) to a bounded JSON-lines file: when the file would pass max_bytes, it is rewritten with
  * the newer half of its lines (to a temporary file, then renamed, so a reader never sees a torn file). */
 int pa_sup_append_bounded(const char *path, const char *line, size_t max_bytes);
+/* write(2) all of p (EINTR retried): 0, or -1 with errno set. */
+int pa_sup_write_all(int fd, const char *p, size_t n);
 /* The highest "seq" in a restarts.jsonl file (0 when there is none). */
 uint64_t pa_sup_last_seq(const char *path);
 

@@ -265,7 +265,7 @@ static char *read_file(const char *path, size_t limit, size_t *len) {
   return buf;
 }
 
-static int write_all(int fd, const char *p, size_t n) {
+int pa_sup_write_all(int fd, const char *p, size_t n) {
   while (n > 0) {
     ssize_t w = write(fd, p, n);
     if (w < 0 && errno == EINTR) continue;
@@ -292,7 +292,7 @@ static int compact(const char *path, size_t keep) {
   }
   int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   int rc = fd < 0 ? -errno : 0;
-  if (rc == 0 && write_all(fd, buf + start, len - start) != 0) rc = -errno ? -errno : -EIO;
+  if (rc == 0 && pa_sup_write_all(fd, buf + start, len - start) != 0) rc = -errno ? -errno : -EIO;
   if (fd >= 0 && close(fd) != 0 && rc == 0) rc = -errno;
   if (rc == 0 && rename(tmp, path) != 0) rc = -errno;
   if (rc != 0) unlink(tmp);
@@ -318,7 +318,7 @@ int pa_sup_append_bounded(const char *path, const char *line, size_t max_bytes) 
   } else {
     memcpy(rec, line, n);
     rec[n] = '\n';
-    if (write_all(fd, rec, n + 1) != 0) rc = errno ? -errno : -EIO;
+    if (pa_sup_write_all(fd, rec, n + 1) != 0) rc = errno ? -errno : -EIO;
     free(rec);
   }
   if (close(fd) != 0 && rc == 0) rc = -errno;

@@ -81,17 +81,6 @@ static int remove_file(const char *path) {
   return 0;
 }
 
-static int write_all(int fd, const char *p, size_t n) {
-  while (n > 0) {
-    ssize_t w = write(fd, p, n);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return -1;
-    p += w;
-    n -= (size_t)w;
-  }
-  return 0;
-}
-
 /* Temporary file in the same directory, fsync, rename over path, fsync the directory. 0 or -errno. */
 static int write_atomic(const char *path, const char *text) {
   char tmp[PATH_MAX], dir[PATH_MAX];
@@ -99,7 +88,7 @@ static int write_atomic(const char *path, const char *text) {
   int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) return -errno;
   int rc = 0;
-  if (write_all(fd, text, strlen(text)) != 0 || fsync(fd) != 0) rc = errno ? -errno : -EIO;
+  if (pa_sup_write_all(fd, text, strlen(text)) != 0 || fsync(fd) != 0) rc = errno ? -errno : -EIO;
   if (close(fd) != 0 && rc == 0) rc = -errno;
   if (rc == 0 && rename(tmp, path) != 0) rc = -errno;
   if (rc != 0) {
@@ -219,18 +208,29 @@ static int parse_common(json_t *doc, const char *file, pa_upd_t *u, char *err, s
   return 0;
 }
 
-int pa_upd_read_staged(const char *state_dir, pa_upd_t *u, char *err, size_t cap) {
+/* Load STATE/updates/<file> and its common keys into u: 1 (*doc is the document, for the caller to release), 0 when
+ * there is no such file, -1 with err set (u keeps what could be read, e.g. the rollout for the failure record). */
+static int load_update(const char *state_dir, const char *file, pa_upd_t *u, json_t **doc, char *err, size_t cap) {
   memset(u, 0, sizeof *u);
   char path[PATH_MAX];
-  if (updates_path(path, sizeof path, state_dir, PA_UPD_STAGED) != 0) {
+  if (updates_path(path, sizeof path, state_dir, file) != 0) {
     snprintf(err, cap, "state directory path too long");
     return -1;
   }
+  int rc = load_json(path, doc, err, cap);
+  if (rc <= 0) return rc;
+  if (parse_common(*doc, file, u, err, cap) != 0) {
+    json_decref(*doc);
+    return -1;
+  }
+  return 1;
+}
+
+int pa_upd_read_staged(const char *state_dir, pa_upd_t *u, char *err, size_t cap) {
   json_t *doc;
-  int rc = load_json(path, &doc, err, cap);
+  int rc = load_update(state_dir, PA_UPD_STAGED, u, &doc, err, cap);
   if (rc <= 0) return rc;
   rc = -1;
-  if (parse_common(doc, PA_UPD_STAGED, u, err, cap) != 0) goto done;
   json_t *d = json_object_get(doc, "dir");
   if (d && !json_is_string(d)) {
     snprintf(err, cap, PA_UPD_STAGED ": key 'dir' must be a string");
@@ -263,18 +263,11 @@ done:
 }
 
 int pa_upd_read_probation(const char *state_dir, pa_upd_t *u, char *err, size_t cap) {
-  memset(u, 0, sizeof *u);
-  char path[PATH_MAX];
-  if (updates_path(path, sizeof path, state_dir, PA_UPD_PROBATION) != 0) {
-    snprintf(err, cap, "state directory path too long");
-    return -1;
-  }
   json_t *doc;
-  int rc = load_json(path, &doc, err, cap);
+  int rc = load_update(state_dir, PA_UPD_PROBATION, u, &doc, err, cap);
   if (rc <= 0) return rc;
   rc = -1;
-  if (parse_common(doc, PA_UPD_PROBATION, u, err, cap) != 0 ||
-      get_str(doc, PA_UPD_PROBATION, "previous", u->previous, sizeof u->previous, 0, err, cap) != 0)
+  if (get_str(doc, PA_UPD_PROBATION, "previous", u->previous, sizeof u->previous, 0, err, cap) != 0)
     goto done;
   if (u->previous[0] && !pa_upd_valid_version(u->previous)) {
     snprintf(err, cap, PA_UPD_PROBATION ": 'previous' is not a valid version");
@@ -539,17 +532,17 @@ int pa_upd_prune(const char *dir, const char *keep1, const char *keep2, uint64_t
   return removed;
 }
 
-int pa_upd_commit(const char *state_dir, uint64_t *seq, const pa_upd_t *u, char *err, size_t cap) {
-  char probation[PATH_MAX], healthy[PATH_MAX], dir[PATH_MAX];
+/* The end of a probation: its record (first: a supervisor killed before probation.json is gone ends it again — a
+ * duplicate record, never a missing one), then probation.json and healthy removed. 0, or -1 with err set. */
+static int end_probation(const char *state_dir, uint64_t *seq, const pa_upd_t *u, const char *state,
+                         const char *detail, char *err, size_t cap) {
+  char probation[PATH_MAX], healthy[PATH_MAX];
   if (updates_path(probation, sizeof probation, state_dir, PA_UPD_PROBATION) ||
-      updates_path(healthy, sizeof healthy, state_dir, PA_UPD_HEALTHY) ||
-      pa_upd_versions_dir(state_dir, u, dir, sizeof dir)) {
+      updates_path(healthy, sizeof healthy, state_dir, PA_UPD_HEALTHY)) {
     snprintf(err, cap, "state directory path too long");
     return -1;
   }
-  /* The record first: a supervisor killed before probation.json is gone commits again (a duplicate record, never a
-   * missing one). */
-  int rc = pa_upd_record(state_dir, seq, u, "committed", "");
+  int rc = pa_upd_record(state_dir, seq, u, state, detail);
   if (rc != 0) pa_log(PA_LOG_WARNING, "supervisor.update.record_failed", "error=\"%s\"", strerror(-rc));
   rc = remove_file(probation);
   if (rc != 0) {
@@ -557,6 +550,16 @@ int pa_upd_commit(const char *state_dir, uint64_t *seq, const pa_upd_t *u, char 
     return -1;
   }
   (void)remove_file(healthy);
+  return 0;
+}
+
+int pa_upd_commit(const char *state_dir, uint64_t *seq, const pa_upd_t *u, char *err, size_t cap) {
+  char dir[PATH_MAX];
+  if (pa_upd_versions_dir(state_dir, u, dir, sizeof dir)) {
+    snprintf(err, cap, "state directory path too long");
+    return -1;
+  }
+  if (end_probation(state_dir, seq, u, "committed", "", err, cap) != 0) return -1;
   int n = pa_upd_prune(dir, u->version, u->previous, u->unix_ms);
   if (n < 0) {
     char q[PATH_MAX + 8];
@@ -570,12 +573,6 @@ int pa_upd_commit(const char *state_dir, uint64_t *seq, const pa_upd_t *u, char 
 
 int pa_upd_rollback(const char *state_dir, uint64_t *seq, const pa_upd_t *u, const char *detail, char *err,
                     size_t cap) {
-  char probation[PATH_MAX], healthy[PATH_MAX];
-  if (updates_path(probation, sizeof probation, state_dir, PA_UPD_PROBATION) ||
-      updates_path(healthy, sizeof healthy, state_dir, PA_UPD_HEALTHY)) {
-    snprintf(err, cap, "state directory path too long");
-    return -1;
-  }
   /* The link first: from here on the worker starts on the previous version whatever else happens. */
   int rc = pa_upd_set_link(state_dir, u, u->previous);
   if (rc != 0) {
@@ -583,15 +580,7 @@ int pa_upd_rollback(const char *state_dir, uint64_t *seq, const pa_upd_t *u, con
              u->previous, strerror(-rc));
     return -1;
   }
-  rc = pa_upd_record(state_dir, seq, u, "rolled_back", detail);
-  if (rc != 0) pa_log(PA_LOG_WARNING, "supervisor.update.record_failed", "error=\"%s\"", strerror(-rc));
-  rc = remove_file(probation);
-  if (rc != 0) {
-    snprintf(err, cap, "cannot remove %s: %s", probation, strerror(-rc));
-    return -1;
-  }
-  (void)remove_file(healthy);
-  return 0;
+  return end_probation(state_dir, seq, u, "rolled_back", detail, err, cap);
 }
 
 long pa_upd_read_healthy(const char *state_dir) {
