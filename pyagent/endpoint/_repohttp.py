@@ -3,9 +3,12 @@
 A connection whose first bytes are an HTTP request line (`GET ` or `HEAD `) is handed here after the TLS handshake
 instead of to the NDJSON session. Only `GET|HEAD /tuf/metadata/<file>` and `GET|HEAD /tuf/targets/<path>` exist,
 with `Range: bytes=N-` (or `bytes=N-M`) answered 206 for resumed downloads. The agent must present a client
-certificate of an `active` agent (403 otherwise); a bad path is 400, anything unknown 404. Requests are bounded in
-size, the connection stays open between requests (keep-alive) and closes after an idle timeout. File bodies are
-read in a worker thread, a chunk at a time (`_read_chunk`), so a slow disk never stalls the endpoint's event loop.
+certificate of an `active` agent (403, and the connection closes, otherwise); a bad path is 400, anything unknown
+(or a file removed by housekeeping meanwhile) 404. Requests are bounded in size, the connection stays open between
+requests (keep-alive) for at most MAX_REQUESTS requests, and closes when a whole request has not arrived within
+IDLE_TIMEOUT of the previous answer (or of the connection's start) or when the peer does not read an answer for
+SEND_TIMEOUT. File bodies are read in a worker thread, a chunk at a time (`_read_chunk`), so a slow disk never
+stalls the endpoint's event loop.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from pyagent.endpoint._tufrepo import TufRepo
 _log = logging.getLogger("pyagent.endpoint.repohttp")
 
 MAX_REQUEST_BYTES = 16 * 1024  # request line and headers
-IDLE_TIMEOUT = 30.0  # seconds without a request on a kept-alive connection
+IDLE_TIMEOUT = 30.0  # seconds for the next whole request (line and headers) to arrive
+MAX_REQUESTS = 1000  # per connection; the last answer says `connection: close`
+SEND_TIMEOUT = 60.0  # seconds a peer may leave an answer unread
 _READ_SIZE = 64 * 1024
 _CHUNK = 1 << 20  # bytes read per worker-thread job and sent per h11 Data event
 _RANGE = re.compile(rb"bytes=(\d{1,15})-(\d{0,15})\Z")
@@ -85,18 +90,21 @@ def route(repo: TufRepo | None, method: bytes, target: bytes, range_header: byte
         if "/" in name or name in ("", ".", ".."):
             return _text(400, f"bad metadata name {name!r}")
         file = repo.metadata_file(name)
-        if file is None:
-            return _text(404, f"no metadata {name}")
-        return _file_reply(file, b"application/json", range_header)
-    if path.startswith("/tuf/targets/"):
+        what, content_type = f"no metadata {name}", b"application/json"
+    elif path.startswith("/tuf/targets/"):
         name = path[len("/tuf/targets/"):]
         if any(part in ("", ".", "..") for part in name.split("/")) or "\\" in name or "\x00" in name:
             return _text(400, f"bad target path {name!r}")
         file = repo.target_file(name)
-        if file is None:
-            return _text(404, f"no target {name}")
-        return _file_reply(file, b"application/octet-stream", range_header)
-    return _text(404, f"not found: {path}")
+        what, content_type = f"no target {name}", b"application/octet-stream"
+    else:
+        return _text(404, f"not found: {path}")
+    if file is None:
+        return _text(404, what)
+    try:
+        return _file_reply(file, content_type, range_header)
+    except FileNotFoundError:  # removed (housekeeping) since the lookup
+        return _text(404, what)
 
 
 def _read_chunk(fd: int, size: int, offset: int) -> bytes:
@@ -119,10 +127,12 @@ async def _send(writer: asyncio.StreamWriter, conn: h11.Connection, event: h11.E
     data = conn.send(event)
     if data:
         writer.write(data)
-        await writer.drain()
+        await asyncio.wait_for(writer.drain(), SEND_TIMEOUT)  # TimeoutError: the peer stopped reading
 
 
-async def _respond(writer: asyncio.StreamWriter, conn: h11.Connection, reply: _Reply, head_only: bool) -> None:
+async def _respond(writer: asyncio.StreamWriter, conn: h11.Connection, reply: _Reply, head_only: bool,
+                   fd: int | None = None) -> None:
+    """Send `reply`; a file body is read from `fd` (opened by the caller before anything was sent)."""
     headers = [(b"content-type", reply.content_type), (b"content-length", str(reply.length).encode()),
                (b"cache-control", b"no-store"), *reply.extra]
     await _send(writer, conn, h11.Response(status_code=reply.status, headers=headers))
@@ -131,18 +141,15 @@ async def _respond(writer: asyncio.StreamWriter, conn: h11.Connection, reply: _R
             if reply.body:
                 await _send(writer, conn, h11.Data(data=reply.body))
         else:
+            assert fd is not None
             offset, left = reply.start, reply.length
-            fd = await _open(reply.file)
-            try:
-                while left > 0:
-                    chunk = await asyncio.to_thread(_read_chunk, fd, min(_CHUNK, left), offset)
-                    if not chunk:  # the file shrank under us: h11 refuses a short body, the connection ends
-                        break
-                    offset += len(chunk)
-                    left -= len(chunk)
-                    await _send(writer, conn, h11.Data(data=chunk))
-            finally:
-                os.close(fd)
+            while left > 0:
+                chunk = await asyncio.to_thread(_read_chunk, fd, min(_CHUNK, left), offset)
+                if not chunk:  # the file shrank under us: h11 refuses a short body, the connection ends
+                    break
+                offset += len(chunk)
+                left -= len(chunk)
+                await _send(writer, conn, h11.Data(data=chunk))
     await _send(writer, conn, h11.EndOfMessage())
 
 
@@ -152,6 +159,8 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, firs
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     conn.receive_data(first)
     served = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + IDLE_TIMEOUT  # for the whole next request: dribbling bytes does not extend it
     while True:
         try:
             event = conn.next_event()
@@ -165,9 +174,9 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, firs
             return f"bad HTTP request: {exc}"
         if event is h11.NEED_DATA:
             try:
-                data = await asyncio.wait_for(reader.read(_READ_SIZE), IDLE_TIMEOUT)
+                data = await asyncio.wait_for(reader.read(_READ_SIZE), max(0.0, deadline - loop.time()))
             except TimeoutError:
-                return f"HTTP idle for {IDLE_TIMEOUT:g} s"
+                return f"HTTP request not received within {IDLE_TIMEOUT:g} s"
             conn.receive_data(data)
             continue
         if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
@@ -190,22 +199,37 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, firs
                                      f"agent is {status or 'unknown'})"))
                     log_event(_log, logging.WARNING, "repohttp.forbidden", peer=peer, agent=agent_id,
                               status=status)
+                    conn_keep = False  # such a peer holds no connection open
                 else:
                     reply = route(repo, event.method, event.target, headers.get(b"range"))
-                conn_keep = True
+                    conn_keep = served < MAX_REQUESTS
+            fd = None
+            if reply.file is not None and not head_only:
+                try:
+                    fd = await _open(reply.file)
+                except FileNotFoundError:  # removed (housekeeping) since the lookup
+                    reply = _text(404, f"not found: {event.target.decode('ascii', 'replace')}")
             if not conn_keep:
                 reply.extra.append((b"connection", b"close"))
-            await _respond(writer, conn, reply, head_only)
+            try:
+                await _respond(writer, conn, reply, head_only, fd)
+            except TimeoutError:
+                return f"HTTP answer not read within {SEND_TIMEOUT:g} s"
+            finally:
+                if fd is not None:
+                    os.close(fd)
             log_event(_log, logging.DEBUG, "repohttp.request", peer=peer, agent=agent_id,
                       method=event.method.decode("ascii", "replace"), target=event.target.decode("ascii", "replace"),
                       status=reply.status)
             if not conn_keep:
-                return f"HTTP request refused ({reply.status})"
+                return (f"HTTP connection closed after {served} requests (the most per connection)"
+                        if served >= MAX_REQUESTS else f"HTTP request refused ({reply.status})")
             continue
         if isinstance(event, h11.EndOfMessage):
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return f"HTTP connection closed after {served} requests"
             if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                 conn.start_next_cycle()
+                deadline = loop.time() + IDLE_TIMEOUT
             continue
         # h11.Data: a body we refuse anyway; nothing to do with it

@@ -10,6 +10,11 @@ time; `aclose()` cancels and awaits all of them.
 Member states: `pending` (its wave is not reached yet), `waiting` (reached, agent offline), the agent's reported
 states `offered` … `probation` (in progress), and the ends `committed`, `failed`, `rolled_back`, `refused`, `skipped`
 (the agent opted out or was pinned elsewhere after the rollout started).
+
+Each member's wave is stored when it joins (late joiners: the current wave). An agent answering `agent_busy`, or
+updating in another rollout, waits and is offered again later (OFFER_RETRY_GAP; the end of the other update). A wave
+advances once a member of it was judged (committed/failed/rolled back); crashes count until CRASH_WINDOW after a
+member ended.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pyagent.endpoint._updates import (
     now_ms,
     parse_state_event,
 )
-from pyagent.protocol import AGENT_UNAVAILABLE, NOT_ALLOWED, RemoteError
+from pyagent.protocol import AGENT_BUSY, AGENT_UNAVAILABLE, NOT_ALLOWED, RemoteError
 
 _log = logging.getLogger("pyagent.endpoint.rollouts")
 
@@ -64,6 +69,7 @@ CREATE TABLE IF NOT EXISTS rollout_members (
     rollout_id  TEXT NOT NULL,
     agent_id    TEXT NOT NULL,
     key         TEXT NOT NULL,               -- sha256(rollout id + agent id): the order
+    wave        INTEGER NOT NULL DEFAULT 0,  -- its wave (0-based), fixed when it is added
     state       TEXT NOT NULL,
     detail      TEXT NOT NULL DEFAULT '',
     offered_ms  INTEGER,
@@ -82,10 +88,15 @@ STALLED = "stalled: "  # the detail of a member failed for want of reports; a la
 MAX_WAVES = 20
 TICK = 1.0
 OFFER_TIMEOUT = 30.0
+# After an agent answered an offer `agent_busy` (or unavailable) it is offered again on a tick, no sooner than this.
+OFFER_RETRY_GAP = 5.0
+# A member's crash reports count in its rollout's gate from its offer until this long after it ended.
+CRASH_WINDOW = 600.0
 OFFER_CONCURRENCY = 64
 ROLLOUT_STATES = ("running", "halted", "completed", "superseded")
 IN_PROGRESS = frozenset({"offered", "downloading", "verifying", "staged", "restarting", "probation"})
 ENDED = frozenset({"committed", "failed", "rolled_back", "refused", "skipped"})
+JUDGED = frozenset({"committed", "failed", "rolled_back"})  # the ends that tell something about the version
 NOT_OFFERED = frozenset({"pending", "waiting"})
 FAILED = frozenset({"failed", "rolled_back"})
 CRASH_KINDS = ("crash",)
@@ -181,6 +192,15 @@ def wave_size(fraction: float, members: int) -> int:
     return min(members, max(1, math.ceil(round(fraction * members, 9))))
 
 
+def wave_indexes(waves: list[float], members: int) -> list[int]:
+    """The wave (0-based) of each of `members` members in key order: wave k takes them up to wave_size(w_k)."""
+    out: list[int] = []
+    for i, fraction in enumerate(waves):
+        out.extend([i] * max(0, wave_size(fraction, members) - len(out)))
+    out.extend([len(waves) - 1] * (members - len(out)))
+    return out
+
+
 def agent_platform(platform: Any) -> str | None:
     """`<system>-<machine>` lower-case from a hello's platform, or None when the agent did not say."""
     if not isinstance(platform, dict):
@@ -215,6 +235,7 @@ class RolloutBackend(Protocol):
 class _Member:
     agent_id: str
     key: str
+    wave: int
     state: str
     detail: str
     offered_ms: int | None
@@ -254,6 +275,17 @@ def _migrate(db: sqlite3.Connection) -> None:
     columns = {str(row[1]) for row in db.execute("PRAGMA table_info(rollouts)")}
     if "stall_timeout_s" not in columns:
         db.execute(f"ALTER TABLE rollouts ADD COLUMN stall_timeout_s REAL NOT NULL DEFAULT {DEFAULT_STALL_TIMEOUT:g}")
+    columns = {str(row[1]) for row in db.execute("PRAGMA table_info(rollout_members)")}
+    if "wave" not in columns:
+        # Members get the waves their order gave them before (all of a rollout's members, by key).
+        with db:
+            db.execute("BEGIN")
+            db.execute("ALTER TABLE rollout_members ADD COLUMN wave INTEGER NOT NULL DEFAULT 0")
+            for rollout_id, waves in db.execute("SELECT id, waves FROM rollouts").fetchall():
+                ids = [r[0] for r in db.execute("SELECT agent_id FROM rollout_members WHERE rollout_id = ?"
+                                                " ORDER BY key", (rollout_id,))]
+                db.executemany("UPDATE rollout_members SET wave = ? WHERE rollout_id = ? AND agent_id = ?",
+                               [(w, rollout_id, a) for a, w in zip(ids, wave_indexes(json.loads(waves), len(ids)))])
 
 
 class RolloutManager:
@@ -270,6 +302,10 @@ class RolloutManager:
         # Anything with find_target(kind, name, version, platform) -> str | None; None: the backend's `repo`.
         self.repo = repo
         self.tick = tick
+        self.offer_retry_gap = OFFER_RETRY_GAP
+        self.crash_window = CRASH_WINDOW
+        # (rollout id, agent id) → loop time before which that member is not offered again (it answered busy).
+        self._retry_at: dict[tuple[str, str], float] = {}
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -304,6 +340,9 @@ class RolloutManager:
                 ticked = True
             self._wake.clear()
             if ticked:
+                now = asyncio.get_running_loop().time()
+                for key in [k for k, at in self._retry_at.items() if at <= now]:
+                    del self._retry_at[key]
                 try:
                     self._dirty.update(self.expire_stalled())
                 except Exception as exc:  # as below: logged, the next tick tries again
@@ -342,8 +381,8 @@ class RolloutManager:
         raise RolloutError(404, f"{len(rows)} rollouts start with {ref!r}; give more of the id")
 
     def _members(self, rollout_id: str) -> list[_Member]:
-        rows = self._db.execute("SELECT agent_id, key, state, detail, offered_ms, ended_ms FROM rollout_members"
-                                " WHERE rollout_id = ? ORDER BY key", (rollout_id,)).fetchall()
+        rows = self._db.execute("SELECT agent_id, key, wave, state, detail, offered_ms, ended_ms FROM rollout_members"
+                                " WHERE rollout_id = ? ORDER BY wave, key", (rollout_id,)).fetchall()
         return [_Member(*row) for row in rows]
 
     def _set_member(self, rollout_id: str, agent_id: str, state: str, detail: str = "", *,
@@ -363,11 +402,28 @@ class RolloutManager:
         self._db.execute(f"UPDATE rollouts SET {sets} WHERE id = ?", (*changes.values(), rollout.id))
 
     def _crash_counts(self, rollout: _Rollout, members: list[_Member]) -> int:
-        since = {m.agent_id: max(m.offered_ms, rollout.gate_since_ms) for m in members if m.offered_ms is not None}
-        if not since or self.crashes is None:
+        """Crash reports of the members from their offer (or the last resume) until `crash_window` after they
+        ended: the crashes that may be the new version's, not those of a fleet running it for months."""
+        if self.crashes is None:
             return 0
+        window = int(self.crash_window * 1000)
+        since: dict[str, int] = {}
+        until: dict[str, int] = {}
+        for m in members:
+            if m.offered_ms is None:
+                continue
+            start = max(m.offered_ms, rollout.gate_since_ms)
+            if m.ended_ms is not None:
+                if m.ended_ms + window <= start:
+                    continue
+                until[m.agent_id] = m.ended_ms + window
+            since[m.agent_id] = start
+        if not since:
+            return 0
+        # count_since counts reports at or after a time: those in [since, until) are the difference
         counts: dict[str, int] = self.crashes.count_since(since, CRASH_KINDS)
-        return sum(counts.values())
+        later: dict[str, int] = self.crashes.count_since(until, CRASH_KINDS) if until else {}
+        return sum(counts.values()) - sum(later.values())
 
     def _gate(self, rollout: _Rollout, members: list[_Member]) -> dict[str, Any]:
         since = rollout.gate_since_ms
@@ -391,12 +447,8 @@ class RolloutManager:
             counts[m.state] = counts.get(m.state, 0) + 1
         gate = self._gate(rollout, members)
         waves = []
-        wave_of: dict[str, int] = {}
-        start = 0
         for i, fraction in enumerate(rollout.waves):
-            end = wave_size(fraction, len(members))
-            part = members[start:end]
-            wave_of.update((m.agent_id, i + 1) for m in part)
+            part = [m for m in members if m.wave == i]
             waves.append({"wave": i + 1, "percent": format_percent(fraction), "members": len(part),
                           "ended": sum(1 for m in part if m.state in ENDED),
                           "committed": sum(1 for m in part if m.state == "committed"),
@@ -404,7 +456,6 @@ class RolloutManager:
                           "in_progress": sum(1 for m in part if m.state in IN_PROGRESS),
                           "waiting": sum(1 for m in part if m.state == "waiting"),
                           "pending": sum(1 for m in part if m.state == "pending")})
-            start = max(start, end)
         out: dict[str, Any] = {
             "id": rollout.id, "kind": rollout.kind, "name": rollout.name, "version": rollout.version,
             "select": rollout.selector, "waves": [format_percent(w) for w in rollout.waves],
@@ -417,7 +468,7 @@ class RolloutManager:
             names = {r[0]: r[1] for r in self._db.execute(
                 "SELECT a.agent_id, a.name FROM agents a JOIN rollout_members m ON m.agent_id = a.agent_id"
                 " WHERE m.rollout_id = ?", (rollout_id,))}
-            out["agents"] = [{"agent_id": m.agent_id, "name": names.get(m.agent_id), "wave": wave_of.get(m.agent_id),
+            out["agents"] = [{"agent_id": m.agent_id, "name": names.get(m.agent_id), "wave": m.wave + 1,
                               "state": m.state,
                               "detail": m.detail, "offered_ms": m.offered_ms, "ended_ms": m.ended_ms}
                              for m in members]
@@ -505,11 +556,14 @@ class RolloutManager:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', '', 0, ?, ?, ?, ?)",
                 (rollout_id, kind, name, version, select, json.dumps(waves), max_failure, max_crash, now, now, now,
                  stall_timeout))
+            joining = []
             for view in views:
                 policy = policies.get(view.agent_id)
-                if policy is not None and policy.excludes(kind, name, version):
-                    continue
-                self._insert_member(rollout_id, kind, name, version, view.agent_id, records.get(view.agent_id), now)
+                if policy is None or not policy.excludes(kind, name, version):
+                    joining.append(view.agent_id)
+            joining.sort(key=lambda a: member_key(rollout_id, a))  # the order gives the waves
+            for agent_id, wave in zip(joining, wave_indexes(waves, len(joining))):
+                self._insert_member(rollout_id, kind, name, version, agent_id, records.get(agent_id), now, wave)
         for old in superseded:
             log_event(_log, logging.INFO, "rollout.superseded", rollout=old, by=rollout_id)
         log_event(_log, logging.INFO, "rollout.started", rollout=rollout_id, kind=kind, name=name, version=version,
@@ -519,12 +573,12 @@ class RolloutManager:
         return self.describe(rollout_id)
 
     def _insert_member(self, rollout_id: str, kind: str, name: str, version: str, agent_id: str,
-                       record: dict[str, Any] | None, now: int) -> None:
+                       record: dict[str, Any] | None, now: int, wave: int) -> None:
         at_version = record is not None and current_version(record, kind, name) == version
         self._db.execute(
-            "INSERT OR IGNORE INTO rollout_members (rollout_id, agent_id, key, state, detail, offered_ms, ended_ms,"
-            " updated_ms) VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
-            (rollout_id, agent_id, member_key(rollout_id, agent_id), "committed" if at_version else "pending",
+            "INSERT OR IGNORE INTO rollout_members (rollout_id, agent_id, key, wave, state, detail, offered_ms,"
+            " ended_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+            (rollout_id, agent_id, member_key(rollout_id, agent_id), wave, "committed" if at_version else "pending",
              f"already at {version}" if at_version else "", now if at_version else None, now))
 
     def halt(self, ref: str, reason: str = "halted by an operator") -> dict[str, Any]:
@@ -561,7 +615,7 @@ class RolloutManager:
         rows = self._db.execute(
             "SELECT m.rollout_id, m.agent_id, m.state, r.kind, r.name, r.version, r.stall_timeout_s"
             " FROM rollout_members m JOIN rollouts r ON r.id = m.rollout_id"
-            " WHERE r.state IN ('running', 'completed', 'halted')"
+            " WHERE r.state IN ('running', 'completed', 'halted', 'superseded')"
             f" AND m.state IN ({marks}) AND m.updated_ms < ? - r.stall_timeout_s * 1000",
             (*sorted(IN_PROGRESS), now_ms())).fetchall()
         changed = set()
@@ -572,6 +626,8 @@ class RolloutManager:
             log_event(_log, logging.WARNING, "rollout.member_stalled", rollout=rollout_id, agent=agent_id,
                       state=state, stall_timeout=timeout)
             changed.add(str(rollout_id))
+            changed.update(str(r[0]) for r in self._db.execute(
+                "SELECT rollout_id FROM rollout_members WHERE agent_id = ? AND state = 'waiting'", (agent_id,)))
         return changed
 
     def evaluate(self, rollout_id: str) -> None:
@@ -592,18 +648,26 @@ class RolloutManager:
                                 f"{format_percent(rollout.max_crash_rate)}")
             return
         records: dict[str, dict[str, Any]] | None = None
+        busy: dict[str, str] = {}
         policies = self.updates.policies()
         while True:
-            reached = members[:wave_size(rollout.waves[rollout.wave], len(members))]
+            reached = [m for m in members if m.wave <= rollout.wave]
             for m in reached:
                 if m.state not in NOT_OFFERED or (rollout.id, m.agent_id) in self._offers:
                     continue
                 if records is None:
                     records = {str(r["agent_id"]): dict(r) for r in self._backend.agents()}
-                self._consider(rollout, m, records.get(m.agent_id), policies.get(m.agent_id))
+                    busy = self._busy_elsewhere(rollout.id)
+                self._consider(rollout, m, records.get(m.agent_id), policies.get(m.agent_id), busy.get(m.agent_id))
             if any(m.state in IN_PROGRESS for m in reached):
                 break
             if rollout.wave + 1 < len(rollout.waves):
+                # The next wave only once this one was judged: a member of it committed, failed or rolled back
+                # (offline members alone do not pass a canary), or it has nothing that could be judged (no
+                # members, or all refused/skipped). The last wave completes without: the rest wait for agents.
+                current = [m for m in members if m.wave == rollout.wave]
+                if not (any(m.state in JUDGED for m in current) or all(m.state in ENDED for m in current)):
+                    break
                 self._set_rollout(rollout, wave=rollout.wave + 1)
                 log_event(_log, logging.INFO, "rollout.wave", rollout=rollout.id, wave=rollout.wave + 1,
                           percent=format_percent(rollout.waves[rollout.wave]))
@@ -614,17 +678,31 @@ class RolloutManager:
                           waiting=sum(1 for m in members if m.state == "waiting"))
             break
 
-    def _consider(self, rollout: _Rollout, m: _Member, record: dict[str, Any] | None, policy: Any) -> None:
+    def _busy_elsewhere(self, rollout_id: str) -> dict[str, str]:
+        """Agents with a member in progress (`offered` … `probation`) in another rollout → that rollout's id."""
+        marks = ",".join("?" * len(IN_PROGRESS))
+        return {str(r[0]): str(r[1]) for r in self._db.execute(
+            f"SELECT agent_id, rollout_id FROM rollout_members WHERE rollout_id != ? AND state IN ({marks})",
+            (rollout_id, *sorted(IN_PROGRESS)))}
+
+    def _consider(self, rollout: _Rollout, m: _Member, record: dict[str, Any] | None, policy: Any,
+                  busy_with: str | None = None) -> None:
         """A reached member not offered yet: skip, count as committed, mark waiting, or offer."""
         excluded = policy.excludes(rollout.kind, rollout.name, rollout.version) if policy is not None else None
         state, detail = m.state, m.detail
+        retry_at = self._retry_at.get((rollout.id, m.agent_id))
         if excluded:
             state, detail = "skipped", excluded
         elif record is not None and current_version(record, rollout.kind, rollout.name) == rollout.version:
             state, detail = "committed", f"already at {rollout.version}"
         elif not self._backend.is_connected(m.agent_id):
             state, detail = "waiting", "offline: offered when it connects"
+        elif busy_with is not None:
+            state, detail = "waiting", f"busy: rollout {busy_with} is updating it; offered when that ends"
+        elif retry_at is not None and asyncio.get_running_loop().time() < retry_at:
+            state = "waiting"  # it answered busy: the detail says so; a tick offers again after the gap
         else:
+            self._retry_at.pop((rollout.id, m.agent_id), None)
             self._offer(rollout, m, record)
             return
         if (state, detail) != (m.state, m.detail):
@@ -672,19 +750,30 @@ class RolloutManager:
                                (rollout_id, agent_id)).fetchone()
         if row is None or row[0] != "offered":  # an event already moved it on
             return
+        if code in (AGENT_UNAVAILABLE, AGENT_BUSY):
+            # Not a verdict on the version: offered again, on a tick at least offer_retry_gap from now (or when
+            # it connects again, if it went away).
+            self._retry_at[(rollout_id, agent_id)] = asyncio.get_running_loop().time() + self.offer_retry_gap
         if code == AGENT_UNAVAILABLE:
             state, detail = "waiting", f"offline: offered when it connects ({message})"
+        elif code == AGENT_BUSY:
+            state, detail = "waiting", f"busy: offered again later ({message})"
         elif code == NOT_ALLOWED:
             state, detail = "refused", message
         else:
             state, detail = "failed", message
         self._set_member(rollout_id, agent_id, state, detail)
+        if code == AGENT_BUSY:  # it did not take the offer: its crashes are not this version's
+            self._db.execute("UPDATE rollout_members SET offered_ms = NULL WHERE rollout_id = ? AND agent_id = ?",
+                             (rollout_id, agent_id))
         if state != "waiting":
             self.updates.record(agent_id, params["kind"], params["name"], params["version"], state, detail,
                                 rollout_id)
         log_event(_log, logging.WARNING, "rollout.offer_failed", rollout=rollout_id, agent=agent_id, state=state,
                   reason=message)
         self._touch(rollout_id)
+        if state in ENDED:
+            self._touch_waiting(agent_id)
 
     # -- inputs: agents' events and connections ------------------------------------------------------------------
 
@@ -713,6 +802,14 @@ class RolloutManager:
         self._set_member(report.rollout, view.agent_id, report.state, report.detail,
                          offered=report.state == "offered" and row[0] in NOT_OFFERED)
         self._touch(report.rollout)
+        if report.state not in IN_PROGRESS:
+            self._touch_waiting(view.agent_id)
+
+    def _touch_waiting(self, agent_id: str) -> None:
+        """Evaluate the rollouts in which this agent waits (its update in another rollout ended)."""
+        for (rollout_id,) in self._db.execute("SELECT rollout_id FROM rollout_members WHERE agent_id = ?"
+                                              " AND state = 'waiting'", (agent_id,)).fetchall():
+            self._touch(str(rollout_id))
 
     def on_hello(self, agent_id: str) -> None:
         """An agent finished its handshake: schedule (never await) joining rollouts and offering to it."""
@@ -734,6 +831,8 @@ class RolloutManager:
             return
         record: dict[str, Any] | None = None
         policy = self.updates.policy(agent_id)
+        for key in [k for k in self._retry_at if k[1] == agent_id]:  # a new connection: offer it now
+            del self._retry_at[key]
         for rollout in live:
             if rollout.id not in member_of:
                 try:
@@ -748,8 +847,10 @@ class RolloutManager:
                 if record is None:
                     found = next((r for r in self._backend.agents() if r["agent_id"] == agent_id), None)
                     record = dict(found) if found is not None else {}
+                # A late joiner goes into the current wave (the last one once the rollout completed): it never
+                # changes what an earlier wave holds.
                 self._insert_member(rollout.id, rollout.kind, rollout.name, rollout.version, agent_id, record,
-                                    now_ms())
+                                    now_ms(), rollout.wave)
                 log_event(_log, logging.INFO, "rollout.member_added", rollout=rollout.id, agent=agent_id)
             elif member_of[rollout.id] not in NOT_OFFERED:
                 continue

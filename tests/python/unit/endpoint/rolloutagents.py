@@ -15,7 +15,7 @@ from typing import Any
 from fakeagent import FakeAgent
 
 from pyagent.endpoint import Endpoint
-from pyagent.protocol import error_response, response
+from pyagent.protocol import AGENT_BUSY, error_response, response
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -83,6 +83,7 @@ class ScriptedAgent:
         self.script = script
         self.step = step
         self.offers: list[dict[str, Any]] = []
+        self.busy = 0  # answer this many more offers -32011 agent_busy (another update runs on the agent)
         self.seq = 0
         self._task = asyncio.get_running_loop().create_task(self._serve())
         self._reports: set[asyncio.Task[None]] = set()
@@ -112,6 +113,11 @@ class ScriptedAgent:
                 params = msg["params"]
                 self.offers.append(params)
                 OFFERS.append((time.monotonic(), self.agent_id))
+                if self.busy > 0:
+                    self.busy -= 1
+                    await self.agent.send(error_response(msg["id"], AGENT_BUSY, "an update is already running "
+                                                         "(bundle hello 9.9.9: downloading)"))
+                    continue
                 if self.script == REFUSE:
                     await self.agent.send(error_response(msg["id"], -32007, "updates are disabled on this agent "
                                                          "(upgrades = false in agent.toml)"))

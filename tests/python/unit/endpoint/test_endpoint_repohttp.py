@@ -231,3 +231,91 @@ async def test_file_bodies_are_read_off_the_event_loop_in_chunks(tmp_path: Path,
     assert [(size, offset) for _, size, offset in reads[:4]] == [
         (_repohttp._CHUNK, 0), (_repohttp._CHUNK, _repohttp._CHUNK), (12345, 2 * _repohttp._CHUNK),
         (100, start)]
+
+
+async def _exchange(ep: Endpoint, ctx: ssl.SSLContext, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send `request` (one or more pipelined requests) and read until the endpoint closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", ep.listen_port, ssl=ctx, server_hostname="127.0.0.1")
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(-1), timeout)  # TimeoutError: the connection was held open
+    finally:
+        writer.close()
+
+
+async def test_a_forbidden_peer_holds_no_connection(tmp_path: Path) -> None:
+    async with Endpoint(endpoint_config(tmp_path / "state", allow_shared_token=False)) as ep:
+        agent_id, cert, key = await enroll(ep, tmp_path)
+        request = b"GET /tuf/metadata/1.root.json HTTP/1.1\r\nHost: x\r\n\r\n"
+        # No certificate: one 403, `connection: close`, and the endpoint closes (the second request is not served).
+        data = await _exchange(ep, client_ssl_context(ep.paths.ca_cert, None, None), request * 2)
+        assert data.startswith(b"HTTP/1.1 403") and data.count(b"HTTP/1.1") == 1
+        assert b"connection: close" in data.lower()
+        ep.set_agent_status(agent_id, "revoked")
+        data = await _exchange(ep, client_ssl_context(ep.paths.ca_cert, cert, key), request * 2)
+        assert data.startswith(b"HTTP/1.1 403") and data.count(b"HTTP/1.1") == 1 and b"agent is revoked" in data
+
+
+async def test_connections_end_after_max_requests_and_a_slow_request(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyagent.endpoint import _repohttp
+
+    monkeypatch.setattr(_repohttp, "MAX_REQUESTS", 3)
+    monkeypatch.setattr(_repohttp, "IDLE_TIMEOUT", 0.5)
+    async with Endpoint(endpoint_config(tmp_path / "state", allow_shared_token=False)) as ep:
+        _, cert, key = await enroll(ep, tmp_path)
+        ctx = client_ssl_context(ep.paths.ca_cert, cert, key)
+        request = b"GET /tuf/metadata/1.root.json HTTP/1.1\r\nHost: x\r\n\r\n"
+        data = await _exchange(ep, ctx, request * 5)  # pipelined: three answers, the third closes
+        assert data.count(b"HTTP/1.1 200") == 3 and data.lower().count(b"connection: close") == 1
+        # A request dribbled a byte at a time does not hold the connection: the whole request has IDLE_TIMEOUT.
+        reader, writer = await asyncio.open_connection("127.0.0.1", ep.listen_port, ssl=ctx,
+                                                       server_hostname="127.0.0.1")
+        try:
+            started = asyncio.get_running_loop().time()
+            writer.write(b"GET /tuf/")
+            closed = asyncio.ensure_future(reader.read(-1))
+            for byte in b"metadata/1.root.json HTTP/1.1\r\nX-Slow: " + b"a" * 40:
+                if closed.done():
+                    break
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            assert closed.done() and await closed == b""
+            assert asyncio.get_running_loop().time() - started < 2.0
+        finally:
+            writer.close()
+
+
+async def test_a_file_removed_after_its_lookup_is_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyagent.endpoint import _repohttp
+
+    real_open = _repohttp._open
+
+    async def pruned_first(path: Path) -> int:  # housekeeping removes the file between lookup and open
+        path.unlink()
+        return await real_open(path)
+
+    async with Endpoint(endpoint_config(tmp_path / "state", allow_shared_token=False)) as ep:
+        _, cert, key = await enroll(ep, tmp_path)
+        for name in ("a.bin", "b.bin"):
+            (ep.repo.targets_dir / "hosts").mkdir(parents=True, exist_ok=True)
+            (ep.repo.targets_dir / "hosts" / name).write_bytes(b"x" * 100)
+        conn = https(ep, cert, key)
+        try:
+            monkeypatch.setattr(_repohttp, "_open", pruned_first)
+            status, _, body = await asyncio.to_thread(get, conn, "/tuf/targets/hosts/a.bin")
+            assert status == 404 and b"not found" in body
+            monkeypatch.setattr(_repohttp, "_open", real_open)
+            # Removed between the lookup and its size: also 404 (the lookup still names the file).
+            gone = ep.repo.targets_dir / "hosts" / "b.bin"
+            monkeypatch.setattr(ep.repo, "target_file", lambda path: gone)
+            gone.unlink()
+            status, _, body = await asyncio.to_thread(get, conn, "/tuf/targets/hosts/b.bin")
+            assert status == 404 and b"no target hosts/b.bin" in body
+            monkeypatch.undo()
+            # The connection still serves.
+            assert (await asyncio.to_thread(get, conn, "/tuf/metadata/1.root.json"))[0] == 200
+        finally:
+            conn.close()

@@ -194,7 +194,16 @@ async def test_a_new_rollout_of_the_same_target_supersedes_the_running_one(tmp_p
         second = await start_rollout(ep, version="3.0.0", waves="100%")
         old = await rollout(ep, first["id"])
         assert old["state"] == "superseded" and second["id"] in old["reason"]
+        # The agents are still in probation with 2.0.0 (an agent runs one update at a time): the new rollout waits
+        # for that to end rather than offer to a busy agent.
+        waiting = await rollout(ep, second["id"])
+        assert waiting["counts"] == {"waiting": 3}
+        assert all(a["detail"].startswith(f"busy: rollout {first['id']} is updating it") for a in waiting["agents"])
+        assert all(len(a.offers) == 1 for a in agents)
+        for agent in agents:  # the old update ends (a report of the superseded rollout still counts)
+            await agent.report(agent.offers[0], "committed")
         await wait_state(ep, second["id"], "completed")
+        assert (await rollout(ep, first["id"]))["counts"] == {"committed": 3}
         assert [o["version"] for o in agents[0].offers] == ["2.0.0", "3.0.0"]
         # The superseded rollout takes no more offers; halting it is refused.
         status, reply = await api(ep, "POST", f"/api/v1/rollouts/{first['id']}/halt")
@@ -447,3 +456,143 @@ async def test_unreleased_versions_and_unknown_rollouts(tmp_path: Path) -> None:
     finally:
         await close_all(agents)
         await ep.aclose()
+
+
+# -- busy agents, late joiners, canaries, crash windows (review fixes) ---------------------------------------------
+
+async def test_a_busy_agent_waits_and_is_offered_again_after_the_gap(tmp_path: Path) -> None:
+    ep = await started(tmp_path)
+    ep.rollouts.offer_retry_gap = 0.6
+    agents = [await ScriptedAgent.start(ep, "agent-00", COMMIT)]
+    agents[0].busy = 2  # two offers answered -32011 agent_busy, then it takes the third
+    try:
+        OFFERS.clear()
+        r = await start_rollout(ep, waves="100%")
+        first = await wait_until(lambda: (x := ep.rollouts.describe(r["id"], agents=True))["counts"] == {
+            "waiting": 1} and x, what="the busy answer")
+        assert first["agents"][0]["detail"].startswith("busy: offered again later (an update is already running")
+        assert first["agents"][0]["offered_ms"] is None and first["failure_rate"] == 0
+        await wait_until(lambda: ep.rollouts.describe(r["id"])["counts"] == {"committed": 1}, timeout=15,
+                         what="the third offer to commit")
+        times = [t for t, _ in OFFERS]
+        assert len(times) == 3  # no busy loop: one offer per gap
+        assert all(b - a >= 0.6 for a, b in zip(times, times[1:])), times
+    finally:
+        await close_all(agents)
+        await ep.aclose()
+
+
+async def test_an_agent_updating_in_one_rollout_is_not_offered_by_another(tmp_path: Path) -> None:
+    ep = await started(tmp_path)
+    agents = [await ScriptedAgent.start(ep, "agent-00", HANG)]
+    try:
+        bundle = await start_rollout(ep, waves="100%")
+        await wait_until(lambda: agents[0].offers, what="the bundle offer")
+        await wait_until(lambda: ep.rollouts.describe(bundle["id"])["counts"] == {"probation": 1})
+        host = await start_rollout(ep, kind="host", name="pyagent-host", version="0.2.0", waves="100%")
+        await asyncio.sleep(ep.rollouts.tick * 1.5)  # a tick passes: still nothing offered
+        held = await rollout(ep, host["id"])
+        assert held["counts"] == {"waiting": 1} and len(agents[0].offers) == 1
+        assert held["agents"][0]["detail"] == f"busy: rollout {bundle['id']} is updating it; offered when that ends"
+        await agents[0].report(agents[0].offers[0], "committed")  # the bundle update ends: the host one starts
+        await wait_until(lambda: len(agents[0].offers) == 2, what="the host offer")
+        assert agents[0].offers[1]["kind"] == "host" and agents[0].offers[1]["rollout"] == host["id"]
+    finally:
+        await close_all(agents)
+        await ep.aclose()
+
+
+async def test_late_joiners_do_not_change_the_waves_of_members(tmp_path: Path) -> None:
+    ep = await started(tmp_path)
+    agents = [await ScriptedAgent.start(ep, f"agent-{i:02d}", COMMIT) for i in range(2)]
+    try:
+        r = ep.rollouts.create({"kind": "bundle", "name": "hello", "version": "2.0.0", "waves": "1%,100%"})
+        order = [a["agent_id"] for a in ep.rollouts.describe(r["id"], agents=True)["agents"]]
+        canary = next(a for a in agents if a.agent_id == order[0])
+        canary.script = HANG  # the canary stays in probation
+        await wait_until(lambda: ep.rollouts.describe(r["id"])["counts"] == {"pending": 1, "probation": 1})
+        # A new agent whose key sorts before the canary's joins: it goes into the current wave, beside the canary.
+        first_key = member_key(r["id"], order[0])
+        late_id = next(f"agent-late-{i}" for i in range(1000) if member_key(r["id"], f"agent-late-{i}") < first_key)
+        late = await ScriptedAgent.start(ep, late_id, COMMIT)
+        agents.append(late)
+        await wait_until(lambda: ep.rollouts.describe(r["id"])["counts"].get("committed") == 1, what="the late one")
+        await asyncio.sleep(ep.rollouts.tick * 1.5)
+        now = await rollout(ep, r["id"])
+        waves = {a["agent_id"]: (a["wave"], a["state"]) for a in now["agents"]}
+        assert waves == {order[0]: (1, "probation"), late_id: (1, "committed"), order[1]: (2, "pending")}
+        assert now["wave"] == 1 and [w["members"] for w in now["wave_progress"]] == [2, 1]
+        assert not next(a for a in agents if a.agent_id == order[1]).offers  # the canary still holds wave 1
+        await canary.report(canary.offers[0], "committed")
+        await wait_state(ep, r["id"], "completed")
+        assert (await rollout(ep, r["id"]))["counts"] == {"committed": 3}
+    finally:
+        await close_all(agents)
+        await ep.aclose()
+
+
+async def test_an_offline_canary_holds_its_wave_until_it_is_judged(tmp_path: Path) -> None:
+    ep = await started(tmp_path)
+    for i in range(2):
+        gone = await ScriptedAgent.start(ep, f"agent-{i:02d}", COMMIT)
+        await gone.close()
+    await wait_until(lambda: ep.connected_count == 0, what="the agents to be gone")
+    agents: list[ScriptedAgent] = []
+    try:
+        r = await start_rollout(ep, waves="50%,100%")
+        order = [a["agent_id"] for a in (await rollout(ep, r["id"]))["agents"]]
+        await asyncio.sleep(ep.rollouts.tick * 1.5)
+        held = await rollout(ep, r["id"])
+        assert held["state"] == "running" and held["wave"] == 1
+        assert held["counts"] == {"pending": 1, "waiting": 1}  # the offline canary did not pass wave 1
+        agents.append(await ScriptedAgent.start(ep, order[0], COMMIT))  # the canary connects and commits
+        done = await wait_state(ep, r["id"], "completed")
+        assert done["counts"] == {"committed": 1, "waiting": 1} and done["wave"] == 2
+    finally:
+        await close_all(agents)
+        await ep.aclose()
+
+
+async def test_crashes_long_after_a_member_ended_do_not_count(tmp_path: Path) -> None:
+    ep = await started(tmp_path)
+    ep.rollouts.crash_window = 0.5
+    agents = [await ScriptedAgent.start(ep, f"agent-{i:02d}", COMMIT) for i in range(2)]
+    try:
+        r = await start_rollout(ep, waves="100%", max_crash_rate="10%")
+        await wait_state(ep, r["id"], "completed")
+        await asyncio.sleep(0.6)  # past the crash window of both members
+        await store_crash(ep, agents[0].agent_id)
+        await asyncio.sleep(ep.rollouts.tick * 1.5)  # a tick evaluates the gate
+        after = await rollout(ep, r["id"])
+        assert after["state"] == "completed" and after["crashes"] == 0
+        # Within its window, a crash still counts (after a late agent joins and commits, for example).
+        ep.rollouts.crash_window = 600
+        halted = await wait_state(ep, r["id"], "halted", timeout=5)
+        assert "crash rate" in halted["reason"] and halted["crashes"] == 1
+    finally:
+        await close_all(agents)
+        await ep.aclose()
+
+
+def test_a_database_from_before_member_waves_gets_them_by_member_order(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "endpoint.db", isolation_level=None)
+    try:
+        db.execute(_OLD_ROLLOUTS)
+        db.execute("ALTER TABLE rollouts ADD COLUMN stall_timeout_s REAL NOT NULL DEFAULT 900")
+        db.execute("""CREATE TABLE rollout_members (rollout_id TEXT NOT NULL, agent_id TEXT NOT NULL,
+            key TEXT NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '', offered_ms INTEGER,
+            ended_ms INTEGER, updated_ms INTEGER NOT NULL, PRIMARY KEY (rollout_id, agent_id))""")
+        db.execute("INSERT INTO rollouts VALUES ('ro-old', 'bundle', 'hello', '2.0.0', '*', '[0.25, 0.5, 1.0]',"
+                   " 0.05, 0.05, 'running', '', 1, 1, 1, 1, 900)")
+        ids = [f"agent-{i}" for i in range(4)]
+        for agent_id in ids:
+            db.execute("INSERT INTO rollout_members VALUES ('ro-old', ?, ?, 'pending', '', NULL, NULL, 1)",
+                       (agent_id, member_key("ro-old", agent_id)))
+        manager = RolloutManager(None, db, UpdateStore(db))  # type: ignore[arg-type]
+        order = sorted(ids, key=lambda a: member_key("ro-old", a))
+        got = dict(db.execute("SELECT agent_id, wave FROM rollout_members WHERE rollout_id = 'ro-old'").fetchall())
+        assert got == {order[0]: 0, order[1]: 1, order[2]: 2, order[3]: 2}
+        assert [w["members"] for w in manager.describe("ro-old")["wave_progress"]] == [1, 1, 2]
+        RolloutManager(None, db, UpdateStore(db))  # type: ignore[arg-type]  # a second open: nothing to add
+    finally:
+        db.close()
