@@ -25,6 +25,7 @@
 #define PA_ERR_AGENT_PAUSED (-32006)
 #define PA_ERR_NOT_ALLOWED (-32007)
 #define PA_ERR_ENROLLMENT_PENDING (-32010)
+#define PA_ERR_AGENT_BUSY (-32011) /* agent.update: another update is running, staged or in probation */
 
 typedef enum { PA_MSG_REQUEST, PA_MSG_NOTIFICATION, PA_MSG_RESPONSE } pa_msg_kind_t;
 

@@ -141,18 +141,30 @@ class MtlsFetcher(FetcherInterface):
     def _fetch(self, url: str) -> Iterator[bytes]:
         response = self.open(url)
         if response.status >= 400:
-            response.release_conn()
+            discard(response)
             raise tuf_errors.DownloadHTTPError(f"HTTP {response.status} for {self._path(url)}", response.status)
         return _chunks(response)
 
 
 def _chunks(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    complete = False
     try:
         yield from response.stream(CHUNK)
+        complete = True
     except urllib3.exceptions.HTTPError as exc:
         raise tuf_errors.SlowRetrievalError(f"download interrupted: {_describe(exc)}") from exc
     finally:
-        response.release_conn()
+        if complete:
+            response.release_conn()
+        else:  # abandoned mid-body (too long, an error): what is left must not be read as the next response
+            discard(response)
+
+
+def discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Give up a response without reading its body: close its connection, so that the pool opens a new one rather
+    than reading the rest of this body as the next response's status line (keep-alive)."""
+    response.close()
+    response.release_conn()
 
 
 def _describe(exc: BaseException) -> str:
@@ -286,11 +298,11 @@ class Update:
             headers = {"Range": f"bytes={have}-"} if have else {}
             response = self.fetcher.open(url, headers)
             if response.status == 416:
-                response.release_conn()
+                discard(response)
                 part.unlink(missing_ok=True)
                 continue
             if response.status >= 400:
-                response.release_conn()
+                discard(response)
                 if response.status == 404:
                     raise UpdateFailedError("target_unknown", f"the repository lists {info.path} but does not serve "
                                                               "its file (HTTP 404)")

@@ -60,7 +60,7 @@ def test_rollout_halts_at_its_gate(tmp_path: Path, endpoint: EndpointProc,
     assert settled["state"] == "halted", settled
     by_agent = {m["agent_id"]: m for m in settled["agents"]}
     for agent_id in second[:2]:
-        assert by_agent[agent_id]["state"] in ("rolled_back", "pending"), by_agent[agent_id]
+        assert by_agent[agent_id]["state"] in ("rolled_back", "pending"), (by_agent[agent_id], settled)
     assert any(by_agent[a]["state"] == "rolled_back" for a in second[:2]), by_agent
     for agent_id in first + second[2:]:
         assert by_agent[agent_id]["state"] in ("committed", "pending"), by_agent[agent_id]

@@ -130,6 +130,7 @@ class Server:
     context: ssl.SSLContext
     requests: list[tuple[str, str]] = field(default_factory=list)  # (path, range header)
     cut_after: int | None = None  # send only this many bytes of the next target, then drop the connection
+    keep_alive_slow_404: bool = False  # HTTP/1.1 keep-alive; a 404's body sent 50 ms after its headers
     httpd: ThreadingHTTPServer | None = None
 
     def start(self) -> Server:
@@ -138,6 +139,18 @@ class Server:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+                if not (server.keep_alive_slow_404 and code == 404):
+                    super().send_error(code, message, explain)
+                    return
+                body = f"no such file {self.path}\n".encode()
+                self.send_response(404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.flush()
+                time.sleep(0.05)  # the body arrives after the client has read the headers
+                self.wfile.write(body)
 
             def do_GET(self) -> None:
                 rng = self.headers.get("Range", "")
@@ -168,6 +181,8 @@ class Server:
                     return
                 self.wfile.write(body)
 
+        if self.keep_alive_slow_404:
+            Handler.protocol_version = "HTTP/1.1"
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.httpd.socket = self.context.wrap_socket(self.httpd.socket, server_side=True)
@@ -475,3 +490,16 @@ def test_leftovers_of_killed_updaters_are_cleaned(env: Env) -> None:
     assert code == 0, (lines, err)
     assert not old_part.exists() and fresh_part.exists() and not stale_tmp.exists()
 
+
+def test_an_unread_error_body_is_not_read_as_the_next_response(env: Env) -> None:
+    """ngclient asks for N+1.root.json (404) and then, on the same kept-alive connection, for timestamp.json: the
+    404's body must not be taken for the next status line (it was, under load, with the endpoint's repository)."""
+    old_port = env.server.port
+    env.server.stop()
+    env.server.keep_alive_slow_404 = True
+    env.server.start()
+    env.config.write_text(env.config.read_text().replace(f":{old_port}", f":{env.server.port}"))
+    path, _ = release_bundle(env)
+    code, lines, err = env.run("bundle", "hello", "1.1.0", path)
+    assert code == 0, (lines, err)
+    assert ("/tuf/metadata/2.root.json", "") in env.server.requests
