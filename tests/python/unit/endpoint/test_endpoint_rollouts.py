@@ -328,12 +328,18 @@ async def test_offline_agent_gets_the_offer_when_it_connects_after_completion(tm
         await ep.aclose()
 
 
-async def test_halted_rollout_makes_no_offers_until_resumed(tmp_path: Path) -> None:
+async def started_with_offline_agents(tmp_path: Path, count: int) -> Endpoint:
+    """An endpoint that knows `count` agents (agent-00, …), none of them connected."""
     ep = await started(tmp_path)
-    for i in range(2):
+    for i in range(count):
         gone = await ScriptedAgent.start(ep, f"agent-{i:02d}", COMMIT)
         await gone.close()
     await wait_until(lambda: ep.connected_count == 0, what="the agents to be gone")
+    return ep
+
+
+async def test_halted_rollout_makes_no_offers_until_resumed(tmp_path: Path) -> None:
+    ep = await started_with_offline_agents(tmp_path, 2)
     agents: list[ScriptedAgent] = []
     try:
         r = await start_rollout(ep, waves="100%")
@@ -532,11 +538,7 @@ async def test_late_joiners_do_not_change_the_waves_of_members(tmp_path: Path) -
 
 
 async def test_an_offline_canary_holds_its_wave_until_it_is_judged(tmp_path: Path) -> None:
-    ep = await started(tmp_path)
-    for i in range(2):
-        gone = await ScriptedAgent.start(ep, f"agent-{i:02d}", COMMIT)
-        await gone.close()
-    await wait_until(lambda: ep.connected_count == 0, what="the agents to be gone")
+    ep = await started_with_offline_agents(tmp_path, 2)
     agents: list[ScriptedAgent] = []
     try:
         r = await start_rollout(ep, waves="50%,100%")
