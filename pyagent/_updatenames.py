@@ -17,6 +17,12 @@ _BUNDLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 
+def platform_name(system: str, machine: str) -> str:
+    """The platform of host targets (`hosts/<platform>/<version>/pyagent-host`): `<system>-<machine>` lower-case,
+    e.g. linux-x86_64; the agent's hello says both parts, the updater reads them from `platform`."""
+    return f"{system}-{machine}".lower()
+
+
 def bundle_name_problem(name: object) -> str | None:
     """None for a valid bundle name (an identifier of at most 64 characters), else what is wrong."""
     if isinstance(name, str) and _BUNDLE_NAME.fullmatch(name):

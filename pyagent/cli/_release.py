@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pyagent._updatenames import bundle_name_problem, version_problem
+from pyagent._updatenames import HOST_NAME, bundle_name_problem, version_problem
 from pyagent.cli._client import ApiClient, default_state_dir, find_api
 from pyagent.cli._errors import EXIT_OK, CliError, UsageError
 from pyagent.cli._format import table
@@ -215,7 +215,7 @@ def run_release_ls(args: argparse.Namespace) -> int:
     if not targets:
         print(f"no releases (targets version {summary.get('version')}); publish one with `pyagent release bundle`")
         return EXIT_OK
-    rows = [[t["path"], str(t.get("kind") or "-"), str(t.get("name") or ("pyagent-host" if t.get("kind") == "host"
+    rows = [[t["path"], str(t.get("kind") or "-"), str(t.get("name") or (HOST_NAME if t.get("kind") == "host"
                                                                          else "-")),
              str(t.get("version") or "-"), str(t.get("platform") or "-"), str(t["length"]),
              str(t["hashes"].get("sha256", ""))[:12]] for t in targets]

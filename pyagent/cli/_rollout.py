@@ -9,6 +9,7 @@ import time
 import urllib.parse
 from typing import Any, TextIO
 
+from pyagent._updatenames import HOST_NAME
 from pyagent.cli._client import ApiClient, find_api
 from pyagent.cli._errors import EXIT_FAILED, EXIT_OK, ApiError, CliError, UsageError
 from pyagent.cli._format import table
@@ -69,7 +70,7 @@ def start_body(args: argparse.Namespace) -> dict[str, Any]:
         name, version = parse_bundle_spec(args.bundle)
         body = {"kind": "bundle", "name": name, "version": version}
     else:
-        body = {"kind": "host", "name": "pyagent-host", "version": args.host}
+        body = {"kind": "host", "name": HOST_NAME, "version": args.host}
     body.update({"select": args.select, "waves": args.waves, "max_failure_rate": args.max_failure_rate})
     if args.max_crash_rate is not None:
         body["max_crash_rate"] = args.max_crash_rate

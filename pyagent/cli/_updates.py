@@ -7,6 +7,7 @@ import json
 import urllib.parse
 from typing import Any
 
+from pyagent._updatenames import HOST_NAME
 from pyagent.cli._client import DEFAULT_HTTP_TIMEOUT, ApiClient, find_api
 from pyagent.cli._errors import EXIT_OK, ApiError, CliError
 from pyagent.cli._format import ago, table
@@ -80,7 +81,7 @@ def run_updates_pin(args: argparse.Namespace) -> int:
         name, version = parse_bundle_spec(args.bundle)
         body = {"kind": "bundle", "name": name, "version": version}
     else:
-        body = {"kind": "host", "name": "pyagent-host", "version": args.host}
+        body = {"kind": "host", "name": HOST_NAME, "version": args.host}
     try:
         # ApiClient has get/post/delete; PUT through its one request method.
         reply = client._request("PUT", _agent_path(args.agent, "pin"), json.dumps(body).encode("utf-8"),
@@ -97,7 +98,7 @@ def run_updates_unpin(args: argparse.Namespace) -> int:
     if args.bundle:
         query = {"kind": "bundle", "name": args.bundle}
     elif args.host:
-        query = {"kind": "host", "name": "pyagent-host"}
+        query = {"kind": "host", "name": HOST_NAME}
     path = _agent_path(args.agent, "pin") + ("?" + urllib.parse.urlencode(query) if query else "")
     try:
         reply = client.delete(path)

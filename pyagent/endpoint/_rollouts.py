@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pyagent._updatenames import platform_name
 from pyagent.endpoint._log import log_event
 from pyagent.endpoint._targets import AgentView, Selector, TargetError, views_from_db
 from pyagent.endpoint._updates import (
@@ -208,7 +209,7 @@ def agent_platform(platform: Any) -> str | None:
     system, machine = platform.get("system"), platform.get("machine")
     if not isinstance(system, str) or not isinstance(machine, str) or not system or not machine:
         return None
-    return f"{system}-{machine}".lower()
+    return platform_name(system, machine)
 
 
 def current_version(record: dict[str, Any], kind: str, name: str) -> str | None:

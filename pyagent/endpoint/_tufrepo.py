@@ -42,6 +42,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization import DeserializationError
 
+from pyagent._updatenames import HOST_NAME
 from pyagent._files import write_atomic
 from pyagent.endpoint._errors import EndpointError
 from pyagent.endpoint._log import log_event
@@ -232,13 +233,13 @@ class TufRepo:
         if kind == "bundle":
             path = f"bundles/{name}/{version}.tar.gz"
             return path if path in known else None
-        if kind == "host" and name == "pyagent-host":
+        if kind == "host" and name == HOST_NAME:
             if platform is not None:
                 path = f"hosts/{platform}/{version}/pyagent-host"
                 return path if path in known else None
             for path in sorted(known):
                 parts = path.split("/")
-                if len(parts) == 4 and parts[0] == "hosts" and parts[2] == version and parts[3] == "pyagent-host":
+                if len(parts) == 4 and parts[0] == "hosts" and parts[2] == version and parts[3] == HOST_NAME:
                     return path
         return None
 

@@ -50,7 +50,7 @@ from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface, Updater
 
 from pyagent._files import write_atomic
-from pyagent._updatenames import HOST_NAME, LINK_NAME, bundle_name_problem, version_problem
+from pyagent._updatenames import HOST_NAME, LINK_NAME, bundle_name_problem, platform_name, version_problem
 from pyagent.runtime._config import AgentConfig, load_config
 from pyagent.runtime._errors import ConfigError
 
@@ -270,7 +270,7 @@ class Update:
         if req.kind == "bundle":
             expected["name"] = req.name
         else:  # a host binary for another platform must not be staged here
-            expected["platform"] = f"{platform.system()}-{platform.machine()}".lower()
+            expected["platform"] = platform_name(platform.system(), platform.machine())
         if not isinstance(custom, dict) or any(custom.get(k) != v for k, v in expected.items()):
             raise UpdateFailedError("bad_target", f"target {req.target} is signed as {custom!r}, not as the offered "
                                                   f"{req.kind} {req.name} {req.version}")
